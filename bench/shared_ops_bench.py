@@ -1,0 +1,164 @@
+"""Benchmark of the shared layers against their loop references (and torchvision where it imports).
+
+    python -m bench.shared_ops_bench [--device cpu|cuda] [--repeats N]
+
+Correlation: forward and forward+backward at the three pyramid levels a 256^3 registration uses
+(64^3 x 32, 32^3 x 64, 16^3 x 96 channels, r = 2, batch 1). RoIAlign: 64 boxes on (8, 512, 16, 16)
+features (the RoI discriminator: 48 px boxes, 3x3 output, scale 1/16) and 512 boxes on (8, 256, 64, 64)
+(boxes of 16-128 px, 7x7 output, scale 1/4). Every time is a median over repeats taken side by side in
+one process; every peak memory is taken in a fresh process per variant. Results go to
+``bench/results/shared_ops_<device>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from collections.abc import Callable
+
+import torch
+
+from bench._measure import device_description, median_seconds, peak_memory_mb, run_worker, write_results
+from shared_ops.correlation import local_cost_correlation_3d
+from shared_ops.reference import local_cost_correlation_3d_loop, roi_align_loop
+from shared_ops.roi_align import roi_align
+
+CORRELATION_CASES = {"64^3x32": (64, 32), "32^3x64": (32, 64), "16^3x96": (16, 96)}
+ROI_CASES = {
+    "64 boxes, (8,512,16,16)": dict(shape=(8, 512, 16, 16), boxes=64, size=(48, 48), out=3, scale=1 / 16),
+    "512 boxes, (8,256,64,64)": dict(shape=(8, 256, 64, 64), boxes=512, size=(16, 128), out=7, scale=1 / 4),
+}
+MODES = ("forward", "forward+backward")
+TARGETS = {"correlation": dict(speedup=3.0, memory_ratio=0.5), "roi_align": dict(speedup=10.0)}
+
+
+def _torchvision_roi_align():
+    try:
+        from torchvision.ops import roi_align as tv_roi_align
+    except Exception:  # torchvision is optional and has no CPU build next to this torch
+        return None
+    return tv_roi_align
+
+
+def _correlation_variants(case: str, device: torch.device) -> dict[str, Callable[[bool], torch.Tensor]]:
+    size, channels = CORRELATION_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    fixed = torch.randn(1, channels, size, size, size, generator=gen).to(device)
+    moving = torch.randn(1, channels, size, size, size, generator=gen).to(device)
+    return {
+        "loop": lambda grad: _call(lambda f, m: local_cost_correlation_3d_loop(f, m, 2), (fixed, moving), grad),
+        "fast": lambda grad: _call(
+            lambda f, m: local_cost_correlation_3d(f, m, 2, normalize="none"), (fixed, moving), grad
+        ),
+    }
+
+
+def _roi_variants(case: str, device: torch.device) -> dict[str, Callable[[bool], torch.Tensor]]:
+    spec = ROI_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    n, _, h, w = spec["shape"]
+    image = h / spec["scale"]
+    feature = torch.randn(*spec["shape"], generator=gen).to(device)
+    lo, hi = spec["size"]
+    sizes = lo + (hi - lo) * torch.rand(spec["boxes"], 2, generator=gen)
+    corner = (image - sizes) * torch.rand(spec["boxes"], 2, generator=gen)
+    index = torch.randint(0, n, (spec["boxes"], 1), generator=gen).float()
+    rois = torch.cat([index, corner, corner + sizes], dim=1).to(device)
+    args = (spec["out"], spec["out"]), spec["scale"], -1, False
+    variants = {
+        "loop": lambda grad: _call(lambda x: roi_align_loop(x, rois, *args), (feature,), grad),
+        "fast": lambda grad: _call(lambda x: roi_align(x, rois, *args), (feature,), grad),
+    }
+    tv = _torchvision_roi_align()
+    if tv is not None:
+        variants["torchvision"] = lambda grad: _call(lambda x: tv(x, rois, *args), (feature,), grad)
+    return variants
+
+
+def _call(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], backward: bool) -> torch.Tensor:
+    if not backward:
+        with torch.no_grad():
+            return fn(*inputs)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.backward(torch.ones_like(out))
+    return out
+
+
+VARIANTS = {"correlation": _correlation_variants, "roi_align": _roi_variants}
+CASES = {"correlation": CORRELATION_CASES, "roi_align": ROI_CASES}
+
+
+def worker(op: str, case: str, mode: str, what: str, device: torch.device, repeats: int) -> dict:
+    variants = VARIANTS[op](case, device)
+    backward = mode == "forward+backward"
+    if what == "time":
+        for fn in variants.values():  # warm-up
+            fn(backward)
+        return median_seconds({k: (lambda f=f: f(backward)) for k, f in variants.items()}, repeats, device)
+    fn = variants[what]
+    fn(backward)  # warm-up: one-off allocations of the first call are not the layer's
+    return {what: peak_memory_mb(lambda: fn(backward), device)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--worker", nargs=4, metavar=("OP", "CASE", "MODE", "WHAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, device, args.repeats)))
+        return
+
+    rows = []
+    for op, cases in CASES.items():
+        for case in cases:
+            for mode in MODES:
+                common = ["--device", args.device, "--repeats", str(args.repeats), "--worker", op, case, mode]
+                times = run_worker("bench.shared_ops_bench", [*common[:-4], "--worker", op, case, mode, "time"])
+                names = list(times)
+                memory = {}
+                for name in names:
+                    memory.update(run_worker("bench.shared_ops_bench", [*common[:-4], "--worker", op, case, mode, name]))
+                row = {"op": op, "case": case, "mode": mode}
+                for name in names:
+                    row[f"{name}_s"] = times[name]
+                    row[f"{name}_peak_mb"] = memory[name]
+                row["speedup"] = times["loop"] / times["fast"]
+                row["memory_ratio"] = memory["fast"] / max(memory["loop"], 1e-9)
+                target = TARGETS[op]
+                met = row["speedup"] >= target["speedup"]
+                if "memory_ratio" in target:
+                    met = met and row["memory_ratio"] <= target["memory_ratio"]
+                row["target_met"] = "yes" if met else "no"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    payload = {
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "repeats": args.repeats,
+        "targets": TARGETS,
+        "rows": rows,
+    }
+    columns = [
+        ("op", "op"), ("case", "case"), ("mode", "mode"),
+        ("loop_s", "loop s"), ("fast_s", "fast s"), ("speedup", "speed-up"),
+        ("loop_peak_mb", "loop peak MiB"), ("fast_peak_mb", "fast peak MiB"), ("memory_ratio", "memory ratio"),
+    ]
+    if any("torchvision_s" in row for row in rows):
+        columns += [("torchvision_s", "torchvision s"), ("torchvision_peak_mb", "torchvision peak MiB")]
+    columns.append(("target_met", "target met"))
+    path = write_results(
+        f"shared_ops_{device.type}", payload, rows, columns,
+        "shared_ops: fast layers against their loop references",
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Normalised local cost correlation between two 3-D feature volumes.
+
+Shapes and conventions (stated once, used everywhere in this module):
+
+* Inputs ``fixed`` and ``moving`` are ``(B, C, D, H, W)``.
+* The output is ``(B, K, D, H, W)`` with ``K = (2r + 1) ** 3``. Channel ``k`` holds, at voxel ``x``,
+  ``mean_c fixed[c, x] * moving[c, x + d_k]``, and zero where ``x + d_k`` falls outside the volume.
+* Displacements ``d = (dz, dy, dx)`` are along ``(D, H, W)``, each in ``[-r, r]``, and channels are
+  ordered with ``dz`` slowest and ``dx`` fastest::
+
+      k = ((dz + r) * (2r + 1) + (dy + r)) * (2r + 1) + (dx + r)
+
+  :func:`correlation_displacements` returns the ``(K, 3)`` table of ``(dz, dy, dx)`` in that order.
+
+Implementation: the volume is processed in slabs along ``D`` that fit in cache, and for each slab the
+``(2r + 1) ** 3`` shifts are visited one at a time with in-cache temporaries, so peak memory is the output
+plus a few slab-sized buffers; the shifted copies of ``moving`` are never materialised together. The
+backward pass is written by hand with the same slab loop, so autograd stores only the two inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LocalCostCorrelation3d",
+    "NORMALIZE_MODES",
+    "correlation_displacements",
+    "local_cost_correlation_3d",
+    "normalize_features",
+]
+
+NormalizeMode = Literal["channel", "global", "none"]
+NORMALIZE_MODES: tuple[str, ...] = ("channel", "global", "none")
+
+# Bytes of one slab of ``fixed`` (all batches and channels) on each device type. On CPU the slab and
+# its temporaries should stay in the L2/L3 caches; on GPUs larger slabs mean fewer, fuller kernels.
+_SLAB_BYTES = {"cpu": 2 << 20}
+_SLAB_BYTES_DEFAULT = 512 << 20
+
+
+def correlation_displacements(radius: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Integer displacements ``(dz, dy, dx)`` of each output channel, shape ``(K, 3)``, channel order."""
+    _check_radius(radius)
+    span = range(-radius, radius + 1)
+    return torch.tensor(list(itertools.product(span, span, span)), dtype=torch.long, device=device)
+
+
+def normalize_features(
+    fixed: torch.Tensor, moving: torch.Tensor, mode: NormalizeMode = "channel", eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise two feature volumes ``(B, C, D, H, W)`` before correlation.
+
+    Modes:
+        ``"channel"`` (paper): each voxel's feature vector is centred and divided by its standard
+            deviation over channels, ``(f - mean_c f) / sqrt(var_c f + eps)`` with the population
+            variance, separately for each image. The correlation of a feature vector with itself is then
+            ``var / (var + eps)``, just below 1, so the cost volume holds Pearson coefficients.
+        ``"global"`` (released code): one scalar mean and one scalar (unbiased) standard deviation per
+            sample over ``C, D, H, W`` for each image, both averaged between the two images; the two
+            images are centred by the shared mean and divided by ``shared std + eps``.
+        ``"none"``: inputs returned unchanged.
+    """
+    if mode == "none":
+        return fixed, moving
+    if mode == "channel":
+        return tuple(  # type: ignore[return-value]
+            (x - x.mean(dim=1, keepdim=True)) * torch.rsqrt(x.var(dim=1, unbiased=False, keepdim=True) + eps)
+            for x in (fixed, moving)
+        )
+    if mode == "global":
+        dims = (1, 2, 3, 4)
+        mean = 0.5 * (fixed.mean(dim=dims, keepdim=True) + moving.mean(dim=dims, keepdim=True))
+        std = 0.5 * (fixed.std(dim=dims, keepdim=True) + moving.std(dim=dims, keepdim=True))
+        return (fixed - mean) / (std + eps), (moving - mean) / (std + eps)
+    raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}.")
+
+
+def local_cost_correlation_3d(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    radius: int = 2,
+    normalize: NormalizeMode = "channel",
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Local cost correlation volume of ``fixed`` against ``moving`` within ``radius`` voxels.
+
+    Args:
+        fixed: features of the fixed image, ``(B, C, D, H, W)``.
+        moving: features of the (warped) moving image, same shape as ``fixed``.
+        radius: search radius ``r`` in voxels along each axis (``0`` gives the plain voxelwise product).
+        normalize: feature normalisation applied first, see :func:`normalize_features`.
+        eps: stabiliser of the normalisation.
+
+    Returns:
+        ``(B, (2r + 1) ** 3, D, H, W)``; channel order as in the module docstring.
+
+    Inputs of different floating dtypes are promoted to a common dtype.
+    """
+    _check_inputs(fixed, moving)
+    _check_radius(radius)
+    dtype = torch.promote_types(fixed.dtype, moving.dtype)
+    fixed, moving = normalize_features(fixed.to(dtype), moving.to(dtype), normalize, eps)
+    return _LocalCorrelation.apply(fixed, moving, radius)
+
+
+class LocalCostCorrelation3d(nn.Module):
+    """Module form of :func:`local_cost_correlation_3d`; ``forward(fixed, moving)``."""
+
+    def __init__(self, radius: int = 2, normalize: NormalizeMode = "channel", eps: float = 1e-5) -> None:
+        super().__init__()
+        _check_radius(radius)
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}.")
+        self.radius = radius
+        self.normalize = normalize
+        self.eps = eps
+
+    @property
+    def out_channels(self) -> int:
+        return (2 * self.radius + 1) ** 3
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return local_cost_correlation_3d(fixed, moving, self.radius, self.normalize, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"radius={self.radius}, normalize={self.normalize!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Core: raw (un-normalised) correlation with a hand-written backward pass.
+
+
+class _LocalCorrelation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fixed: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
+        fixed, moving = fixed.contiguous(), moving.contiguous()
+        ctx.save_for_backward(fixed, moving)
+        ctx.radius = radius
+        return _correlation_forward(fixed, moving, radius)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        fixed, moving = ctx.saved_tensors
+        need_fixed, need_moving = ctx.needs_input_grad[:2]
+        grad_fixed, grad_moving = _correlation_backward(
+            grad_out.contiguous(), fixed, moving, ctx.radius, need_fixed, need_moving
+        )
+        return grad_fixed, grad_moving, None
+
+
+def _slabs(x: torch.Tensor):
+    """Yield ``(z0, z1)`` ranges along D whose slab of ``x`` stays within the device's slab budget."""
+    batch, channels, depth, height, width = x.shape
+    budget = _SLAB_BYTES.get(x.device.type, _SLAB_BYTES_DEFAULT)
+    plane_bytes = batch * channels * height * width * x.element_size()
+    step = max(1, budget // max(plane_bytes, 1))
+    for z0 in range(0, depth, step):
+        yield z0, min(depth, z0 + step)
+
+
+def _padded_slab(x: torch.Tensor, z0: int, z1: int, r: int) -> torch.Tensor:
+    """``x[:, :, z0 - r : z1 + r]`` padded by ``r`` in H and W, zeros wherever it leaves ``x``."""
+    depth = x.shape[2]
+    lo, hi = max(z0 - r, 0), min(z1 + r, depth)
+    return F.pad(x[:, :, lo:hi], (r, r, r, r, lo - (z0 - r), (z1 + r) - hi))
+
+
+def _shifts(r: int):
+    """``(k, dz, dy, dx)`` with offsets into a slab padded by ``r`` (0..2r), in channel order."""
+    span = range(2 * r + 1)
+    for k, (dz, dy, dx) in enumerate(itertools.product(span, span, span)):
+        yield k, dz, dy, dx
+
+
+def _correlation_forward(fixed: torch.Tensor, moving: torch.Tensor, r: int) -> torch.Tensor:
+    batch, channels, depth, height, width = fixed.shape
+    out = fixed.new_empty(batch, (2 * r + 1) ** 3, depth, height, width)
+    for z0, z1 in _slabs(fixed):
+        n = z1 - z0
+        f = fixed[:, :, z0:z1]
+        m = _padded_slab(moving, z0, z1, r)
+        prod = torch.empty_like(f)
+        for k, dz, dy, dx in _shifts(r):
+            torch.mul(f, m[:, :, dz : dz + n, dy : dy + height, dx : dx + width], out=prod)
+            torch.sum(prod, dim=1, out=out[:, k, z0:z1])
+    return out.div_(channels)
+
+
+def _correlation_backward(
+    grad_out: torch.Tensor,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    r: int,
+    need_fixed: bool,
+    need_moving: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    batch, channels, depth, height, width = fixed.shape
+    grad_fixed = torch.zeros_like(fixed) if need_fixed else None
+    grad_moving = torch.zeros_like(moving) if need_moving else None
+    for z0, z1 in _slabs(fixed):
+        n = z1 - z0
+        g = grad_out[:, :, z0:z1] / channels  # d out_k / d (f * m) = 1 / C
+        if grad_fixed is not None:
+            # grad_fixed[x] = sum_k g_k[x] * moving[x + d_k]
+            m = _padded_slab(moving, z0, z1, r)
+            gf = grad_fixed[:, :, z0:z1]
+            for k, dz, dy, dx in _shifts(r):
+                gf.addcmul_(m[:, :, dz : dz + n, dy : dy + height, dx : dx + width], g[:, k : k + 1])
+        if grad_moving is not None:
+            # grad_moving[x + d_k] += g_k[x] * fixed[x], accumulated in a padded slab, then cropped.
+            f = fixed[:, :, z0:z1]
+            gm = fixed.new_zeros(batch, channels, n + 2 * r, height + 2 * r, width + 2 * r)
+            for k, dz, dy, dx in _shifts(r):
+                gm[:, :, dz : dz + n, dy : dy + height, dx : dx + width].addcmul_(f, g[:, k : k + 1])
+            lo, hi = max(z0 - r, 0), min(z1 + r, depth)
+            start = lo - (z0 - r)
+            grad_moving[:, :, lo:hi] += gm[:, :, start : start + hi - lo, r : r + height, r : r + width]
+    return grad_fixed, grad_moving
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_radius(radius: int) -> None:
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius must be a non-negative integer, got {radius!r}.")
+
+
+def _check_inputs(fixed: torch.Tensor, moving: torch.Tensor) -> None:
+    for name, x in (("fixed", fixed), ("moving", moving)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+        if x.ndim != 5:
+            raise ValueError(f"{name}: expected a 5-D tensor (B, C, D, H, W), got shape {tuple(x.shape)}.")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}.")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name}: expected at least one channel, got shape {tuple(x.shape)}.")
+    if fixed.shape != moving.shape:
+        raise ValueError(
+            f"fixed and moving must have the same shape (B, C, D, H, W), got {tuple(fixed.shape)} "
+            f"and {tuple(moving.shape)}."
+        )
+    if fixed.device != moving.device:
+        raise ValueError(f"fixed and moving are on different devices: {fixed.device} and {moving.device}.")

@@ -1,0 +1,162 @@
+"""shared_ops.roi_align against a per-box loop (and torchvision where it imports), gradcheck, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared_ops.reference import roi_align_loop
+from shared_ops.roi_align import RoIAlign, roi_align
+from tests.conftest import require_data
+
+
+def _random_rois(num: int, images: int, extent: float, max_size: float, dtype=torch.float32) -> torch.Tensor:
+    """Boxes scattered over [-extent/4, extent], some partly or wholly outside the image."""
+    index = torch.randint(0, images, (num, 1)).to(dtype)
+    corner = torch.rand(num, 2, dtype=dtype) * extent * 1.25 - extent / 4
+    size = torch.rand(num, 2, dtype=dtype) * max_size
+    return torch.cat([index, corner, corner + size], dim=1)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2])
+@pytest.mark.parametrize("spatial_scale,output_size", [(1.0, (3, 3)), (0.25, (2, 4)), (1 / 16, 3)])
+def test_matches_per_box_loop(aligned, sampling_ratio, spatial_scale, output_size):
+    feature = torch.randn(3, 5, 13, 17)
+    extent = 17 / spatial_scale
+    rois = _random_rois(40, 3, extent, extent / 2)
+    out = roi_align(feature, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    expected = roi_align_loop(
+        feature, rois, torch.nn.modules.utils._pair(output_size), spatial_scale, sampling_ratio, aligned
+    )
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_box_on_pixel_grid_returns_the_pixels():
+    """aligned=True, one sample per bin and one bin per pixel: RoIAlign crops exactly."""
+    feature = torch.randn(2, 3, 10, 12)
+    rois = torch.tensor([[1, 2, 3, 7, 9], [0, 0, 0, 12, 10], [1, 5, 1, 6, 2]], dtype=torch.float32)
+    for box in rois:
+        b, x1, y1, x2, y2 = box.long().tolist()
+        out = roi_align(feature, box[None], (y2 - y1, x2 - x1), sampling_ratio=1, aligned=True)
+        torch.testing.assert_close(out[0], feature[b, :, y1:y2, x1:x2])
+
+
+def test_real_tile_crops(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = require_data("tiles/camelyon_gr_samples/CAMELYON_HE_patches.h5")
+    with h5py.File(path, "r") as f:
+        tiles = torch.from_numpy(f["x"][:]).permute(0, 3, 1, 2).float() / 255.0  # (2, 3, 256, 256)
+    boxes = [torch.tensor([[10.0, 20.0, 58.0, 68.0], [200.0, 200.0, 248.0, 248.0]]), torch.tensor([[0.0, 0, 48, 48]])]
+    out = roi_align(tiles, boxes, 48, sampling_ratio=1, aligned=True)
+    assert out.shape == (3, 3, 48, 48)
+    torch.testing.assert_close(out[1], tiles[0, :, 200:248, 200:248])
+    torch.testing.assert_close(out[2], tiles[1, :, 0:48, 0:48])
+
+
+def test_list_of_boxes_equals_indexed_rows():
+    feature = torch.randn(3, 4, 16, 16)
+    per_image = [torch.rand(4, 2) * 8 for _ in range(3)]
+    per_image = [torch.cat([c, c + 5], dim=1) for c in per_image]
+    rows = torch.cat([torch.cat([torch.full((4, 1), float(i)), b], dim=1) for i, b in enumerate(per_image)])
+    torch.testing.assert_close(roi_align(feature, per_image, 3), roi_align(feature, rows, 3))
+    torch.testing.assert_close(roi_align(feature, tuple(per_image), 3), roi_align(feature, rows, 3))
+
+
+def test_output_follows_input_box_order_across_images():
+    feature = torch.randn(3, 2, 8, 8)
+    rois = torch.tensor([[2, 0, 0, 4, 4], [0, 1, 1, 5, 5], [2, 2, 2, 6, 6], [1, 0, 0, 8, 8]], dtype=torch.float32)
+    out = roi_align(feature, rois, 2)
+    for k in range(4):
+        torch.testing.assert_close(out[k : k + 1], roi_align(feature, rois[k : k + 1], 2))
+
+
+def test_boxes_outside_the_feature_map():
+    feature = torch.randn(1, 3, 8, 8) + 10
+    far = torch.tensor([[0, 30.0, 30.0, 40.0, 40.0], [0, -20.0, -20.0, -10.0, -10.0]])
+    assert torch.all(roi_align(feature, far, 2) == 0)
+    partly = torch.tensor([[0, -6.0, 2.0, 4.0, 6.0], [0, 5.0, 5.0, 12.0, 12.0]])
+    for aligned in (False, True):
+        out = roi_align(feature, partly, 2, aligned=aligned)
+        expected = roi_align_loop(feature, partly, (2, 2), aligned=aligned)
+        torch.testing.assert_close(out, expected)
+        assert torch.all(out.abs().sum(dim=(1, 2, 3)) > 0)  # the in-map part of each box contributes
+        assert torch.any(out == 0)  # bins wholly outside the map do not
+
+
+def test_empty_boxes():
+    feature = torch.randn(2, 6, 8, 8, requires_grad=True)
+    for boxes in (torch.zeros(0, 5), [torch.zeros(0, 4), torch.zeros(0, 4)], []):
+        out = roi_align(feature, boxes, (3, 2))
+        assert out.shape == (0, 6, 3, 2)
+    out = roi_align(feature, torch.zeros(0, 5), 3)
+    assert out.sum().requires_grad or not out.requires_grad  # a valid (empty) graph
+
+
+def test_gradcheck_float64():
+    feature = torch.randn(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)
+    rois = _random_rois(6, 2, 9.0, 6.0, dtype=torch.float64)
+    for aligned in (False, True):
+        assert torch.autograd.gradcheck(lambda x: roi_align(x, rois, (2, 3), 0.9, -1, aligned), (feature,))
+
+
+def test_gradient_matches_per_box_loop():
+    feature = torch.randn(2, 4, 12, 12, requires_grad=True)
+    reference = feature.detach().clone().requires_grad_()
+    rois = _random_rois(20, 2, 12.0, 8.0)
+    weight = torch.randn(20, 4, 3, 3)
+    (roi_align(feature, rois, 3, sampling_ratio=2) * weight).sum().backward()
+    (roi_align_loop(reference, rois, (3, 3), sampling_ratio=2) * weight).sum().backward()
+    torch.testing.assert_close(feature.grad, reference.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_module_matches_function():
+    layer = RoIAlign(3, spatial_scale=1 / 16, sampling_ratio=-1, aligned=False)
+    feature = torch.randn(2, 8, 16, 16)
+    rois = _random_rois(10, 2, 256.0, 64.0)
+    assert "spatial_scale=0.0625" in repr(layer)
+    torch.testing.assert_close(layer(feature, rois), roi_align(feature, rois, 3, 1 / 16, -1, False))
+
+
+@pytest.mark.parametrize(
+    "boxes,error,message",
+    [
+        (torch.zeros(3, 4), ValueError, r"Tensor\[K, 5\]"),
+        (torch.zeros(3, 6), ValueError, r"Tensor\[K, 5\]"),
+        (torch.zeros(5), ValueError, r"Tensor\[K, 5\]"),
+        ([torch.zeros(2, 5)], ValueError, r"boxes\[0\]"),
+        ([torch.zeros(2, 4), "box"], ValueError, r"boxes\[1\]"),
+        ([torch.zeros(1, 4)] * 3, ValueError, "2 images"),
+        (torch.tensor([[2.0, 0, 0, 1, 1]]), ValueError, "batch index"),
+        (torch.tensor([[-1.0, 0, 0, 1, 1]]), ValueError, "batch index"),
+        (torch.tensor([[0.5, 0, 0, 1, 1]]), ValueError, "batch index"),
+        (torch.tensor([[0.0, float("nan"), 0, 1, 1]]), ValueError, "finite"),
+        ({"boxes": 1}, TypeError, "list of Tensor"),
+    ],
+)
+def test_malformed_boxes(boxes, error, message):
+    with pytest.raises(error, match=message):
+        roi_align(torch.randn(2, 3, 8, 8), boxes, 2)
+
+
+def test_bad_input_and_output_size():
+    rois = torch.tensor([[0.0, 0, 0, 4, 4]])
+    with pytest.raises(ValueError, match="4-D"):
+        roi_align(torch.randn(3, 8, 8), rois, 2)
+    with pytest.raises(TypeError, match="floating-point"):
+        roi_align(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), rois, 2)
+    with pytest.raises(ValueError, match="output_size"):
+        roi_align(torch.randn(1, 3, 8, 8), rois, (0, 2))
+
+
+def test_matches_torchvision_where_available():
+    tv_ops = pytest.importorskip("torchvision.ops", reason="torchvision is not importable with this torch build")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    feature = torch.randn(4, 16, 20, 24, device=device)
+    rois = _random_rois(64, 4, 24 * 8.0, 96.0).to(device)
+    for aligned in (False, True):
+        for sampling_ratio in (-1, 2):
+            out = roi_align(feature, rois, (3, 3), 1 / 8, sampling_ratio, aligned)
+            expected = tv_ops.roi_align(feature, rois, (3, 3), 1 / 8, sampling_ratio, aligned)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
