@@ -2,15 +2,15 @@
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip
+# The constraints file pins torch==2.13.0 (the local CPU wheel) for every install, so that no
+# requirement can pull another torch build with its CUDA packages.
+PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bundles lint clean
+.PHONY: install demo test bench bundles lint format clean
 
 install: $(STAMP)
 
-# torch goes in first, from the pinned CPU wheel; the constraints file keeps every later
-# requirement from pulling another torch build.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
@@ -19,20 +19,24 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m demo
+	$(PY) scripts/demo.py
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 bench: install
 	$(PY) -m bench.run_all
 
 bundles: install
-	$(PY) -m bundles.pack --out dist
+	$(PY) scripts/pack_bundles.py --out dist
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 clean:
-	rm -rf $(VENV) dist .pytest_cache
+	rm -rf $(VENV) dist demo_output .pytest_cache .ruff_cache

@@ -79,9 +79,7 @@ def device_description(device: torch.device) -> str:
 
 def run_worker(module: str, args: list[str]) -> dict:
     """Run ``python -m module args`` in a fresh process and parse the JSON object it prints last."""
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {module} {args} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

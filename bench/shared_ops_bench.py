@@ -122,7 +122,9 @@ def main() -> None:
                 names = list(times)
                 memory = {}
                 for name in names:
-                    memory.update(run_worker("bench.shared_ops_bench", [*common[:-4], "--worker", op, case, mode, name]))
+                    memory.update(
+                        run_worker("bench.shared_ops_bench", [*common[:-4], "--worker", op, case, mode, name])
+                    )
                 row = {"op": op, "case": case, "mode": mode}
                 for name in names:
                     row[f"{name}_s"] = times[name]
@@ -146,15 +148,24 @@ def main() -> None:
         "rows": rows,
     }
     columns = [
-        ("op", "op"), ("case", "case"), ("mode", "mode"),
-        ("loop_s", "loop s"), ("fast_s", "fast s"), ("speedup", "speed-up"),
-        ("loop_peak_mb", "loop peak MiB"), ("fast_peak_mb", "fast peak MiB"), ("memory_ratio", "memory ratio"),
+        ("op", "op"),
+        ("case", "case"),
+        ("mode", "mode"),
+        ("loop_s", "loop s"),
+        ("fast_s", "fast s"),
+        ("speedup", "speed-up"),
+        ("loop_peak_mb", "loop peak MiB"),
+        ("fast_peak_mb", "fast peak MiB"),
+        ("memory_ratio", "memory ratio"),
     ]
     if any("torchvision_s" in row for row in rows):
         columns += [("torchvision_s", "torchvision s"), ("torchvision_peak_mb", "torchvision peak MiB")]
     columns.append(("target_met", "target met"))
     path = write_results(
-        f"shared_ops_{device.type}", payload, rows, columns,
+        f"shared_ops_{device.type}",
+        payload,
+        rows,
+        columns,
         "shared_ops: fast layers against their loop references",
     )
     print(f"wrote {path}")

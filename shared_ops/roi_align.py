@@ -16,8 +16,8 @@ half a pixel first, both as torchvision does.
 
 Implementation: bilinear sampling and bin averaging are separable, so each box reduces to two small
 interpolation matrices ``A_y (PH, H)`` and ``A_x (PW, W)`` and its output is ``A_y @ X @ A_x^T`` per
-channel. All boxes of one image are evaluated with one matrix product per axis; there is no loop over
-boxes, and gradients reach ``input`` through ordinary autograd.
+channel. Each axis is one batched matrix product over all boxes (no Python loop over boxes or images),
+and gradients reach ``input`` through ordinary autograd.
 """
 
 from __future__ import annotations
@@ -78,17 +78,23 @@ def roi_align(
         a_x, a_y = a_x.to(input.dtype), a_y.to(input.dtype)
         batch_index = rois[:, 0].long()
 
-    # out[k] = A_y[k] @ input[b_k] @ A_x[k]^T for every channel, all boxes of one image at once.
-    selections, pooled = [], []
-    for image in torch.unique(batch_index).tolist():
-        (sel,) = torch.nonzero(batch_index == image, as_tuple=True)
-        feature = input[image].transpose(0, 1).reshape(height, channels * width)  # (H, C * W)
-        rows = (a_y[sel].reshape(-1, height) @ feature).view(len(sel), pooled_h * channels, width)
-        values = torch.bmm(rows, a_x[sel].transpose(1, 2))  # (k, PH * C, PW)
-        pooled.append(values.view(len(sel), pooled_h, channels, pooled_w).transpose(1, 2))
-        selections.append(sel)
-    order = torch.cat(selections)  # row i of the concatenation belongs to box order[i]
-    return torch.cat(pooled)[torch.argsort(order)]
+    # out[k] = A_y[k] @ input[b_k] @ A_x[k]^T for every channel. Boxes are grouped by image into
+    # slots (N, S) with S = most boxes on one image, so that each axis is one batched product.
+    counts = torch.bincount(batch_index, minlength=num_images)
+    slots_per_image = int(counts.max())
+    order = torch.argsort(batch_index, stable=True)
+    first_of_image = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order), device=order.device) - first_of_image[batch_index[order]]
+    slot = torch.empty_like(order)
+    slot[order] = batch_index[order] * slots_per_image + rank  # slot of box k
+
+    a_y_slots = a_y.new_zeros(num_images * slots_per_image, pooled_h, height).index_copy_(0, slot, a_y)
+    a_x_slots = a_x.new_zeros(num_images * slots_per_image, pooled_w, width).index_copy_(0, slot, a_x)
+    feature = input.transpose(1, 2).reshape(num_images, height, channels * width)  # (N, H, C * W)
+    rows = torch.bmm(a_y_slots.view(num_images, slots_per_image * pooled_h, height), feature)
+    rows = rows.view(num_images * slots_per_image, pooled_h * channels, width)
+    pooled = torch.bmm(rows, a_x_slots.transpose(1, 2))[slot]  # (K, PH * C, PW)
+    return pooled.view(-1, pooled_h, channels, pooled_w).transpose(1, 2)
 
 
 class RoIAlign(nn.Module):

@@ -98,7 +98,7 @@ def test_gradcheck_float64():
     feature = torch.randn(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)
     rois = _random_rois(6, 2, 9.0, 6.0, dtype=torch.float64)
     for aligned in (False, True):
-        assert torch.autograd.gradcheck(lambda x: roi_align(x, rois, (2, 3), 0.9, -1, aligned), (feature,))
+        assert torch.autograd.gradcheck(lambda x, a=aligned: roi_align(x, rois, (2, 3), 0.9, -1, a), (feature,))
 
 
 def test_gradient_matches_per_box_loop():
