@@ -12,10 +12,11 @@ Shapes and conventions (stated once, used everywhere in this module):
 
   :func:`correlation_displacements` returns the ``(K, 3)`` table of ``(dz, dy, dx)`` in that order.
 
-Implementation: the volume is processed in slabs along ``D`` that fit in cache, and for each slab the
-``(2r + 1) ** 3`` shifts are visited one at a time with in-cache temporaries, so peak memory is the output
-plus a few slab-sized buffers; the shifted copies of ``moving`` are never materialised together. The
-backward pass is written by hand with the same slab loop, so autograd stores only the two inputs.
+Implementation: the volume is processed in slabs along ``D`` that fit in cache; for each slab the
+``(2r + 1) ** 3`` shifts are visited one at a time on the overlapping windows of the two inputs (views,
+no padding), with one slab-sized product buffer, so peak memory is the output plus that buffer and no
+shifted copy of ``moving`` is ever made. The backward pass is written by hand with the same loop, so
+autograd stores only the two inputs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import itertools
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -165,31 +165,37 @@ def _slabs(x: torch.Tensor):
         yield z0, min(depth, z0 + step)
 
 
-def _padded_slab(x: torch.Tensor, z0: int, z1: int, r: int) -> torch.Tensor:
-    """``x[:, :, z0 - r : z1 + r]`` padded by ``r`` in H and W, zeros wherever it leaves ``x``."""
-    depth = x.shape[2]
-    lo, hi = max(z0 - r, 0), min(z1 + r, depth)
-    return F.pad(x[:, :, lo:hi], (r, r, r, r, lo - (z0 - r), (z1 + r) - hi))
+def _overlap(start: int, stop: int, shift: int, size: int) -> tuple[slice, slice] | None:
+    """Index ranges ``x`` in [start, stop) with ``x + shift`` in [0, size): (fixed slice, moving slice)."""
+    lo, hi = max(start, -shift), min(stop, size - shift)
+    if lo >= hi:
+        return None
+    return slice(lo, hi), slice(lo + shift, hi + shift)
 
 
-def _shifts(r: int):
-    """``(k, dz, dy, dx)`` with offsets into a slab padded by ``r`` (0..2r), in channel order."""
-    span = range(2 * r + 1)
+def _shift_windows(shape: tuple[int, int, int], z0: int, z1: int, r: int):
+    """For each displacement, in channel order: ``(k, fixed window, moving window)`` inside slab [z0, z1).
+
+    Windows are tuples of slices over (D, H, W); displacements whose window is empty are skipped (their
+    output stays zero).
+    """
+    depth, height, width = shape
+    span = range(-r, r + 1)
     for k, (dz, dy, dx) in enumerate(itertools.product(span, span, span)):
-        yield k, dz, dy, dx
+        ranges = (_overlap(z0, z1, dz, depth), _overlap(0, height, dy, height), _overlap(0, width, dx, width))
+        if None not in ranges:
+            yield k, tuple(f for f, _ in ranges), tuple(m for _, m in ranges)
 
 
 def _correlation_forward(fixed: torch.Tensor, moving: torch.Tensor, r: int) -> torch.Tensor:
     batch, channels, depth, height, width = fixed.shape
-    out = fixed.new_empty(batch, (2 * r + 1) ** 3, depth, height, width)
+    out = fixed.new_zeros(batch, (2 * r + 1) ** 3, depth, height, width)
     for z0, z1 in _slabs(fixed):
-        n = z1 - z0
-        f = fixed[:, :, z0:z1]
-        m = _padded_slab(moving, z0, z1, r)
-        prod = torch.empty_like(f)
-        for k, dz, dy, dx in _shifts(r):
-            torch.mul(f, m[:, :, dz : dz + n, dy : dy + height, dx : dx + width], out=prod)
-            torch.sum(prod, dim=1, out=out[:, k, z0:z1])
+        buffer = fixed.new_empty(batch * channels * (z1 - z0) * height * width)
+        for k, fw, mw in _shift_windows((depth, height, width), z0, z1, r):
+            f, m = fixed[(..., *fw)], moving[(..., *mw)]
+            prod = torch.mul(f, m, out=buffer[: f.numel()].view(f.shape))
+            torch.sum(prod, dim=1, out=out[(slice(None), k, *fw)])
     return out.div_(channels)
 
 
@@ -201,27 +207,18 @@ def _correlation_backward(
     need_fixed: bool,
     need_moving: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    batch, channels, depth, height, width = fixed.shape
+    channels = fixed.shape[1]
+    shape = tuple(fixed.shape[2:])
     grad_fixed = torch.zeros_like(fixed) if need_fixed else None
     grad_moving = torch.zeros_like(moving) if need_moving else None
     for z0, z1 in _slabs(fixed):
-        n = z1 - z0
         g = grad_out[:, :, z0:z1] / channels  # d out_k / d (f * m) = 1 / C
-        if grad_fixed is not None:
-            # grad_fixed[x] = sum_k g_k[x] * moving[x + d_k]
-            m = _padded_slab(moving, z0, z1, r)
-            gf = grad_fixed[:, :, z0:z1]
-            for k, dz, dy, dx in _shifts(r):
-                gf.addcmul_(m[:, :, dz : dz + n, dy : dy + height, dx : dx + width], g[:, k : k + 1])
-        if grad_moving is not None:
-            # grad_moving[x + d_k] += g_k[x] * fixed[x], accumulated in a padded slab, then cropped.
-            f = fixed[:, :, z0:z1]
-            gm = fixed.new_zeros(batch, channels, n + 2 * r, height + 2 * r, width + 2 * r)
-            for k, dz, dy, dx in _shifts(r):
-                gm[:, :, dz : dz + n, dy : dy + height, dx : dx + width].addcmul_(f, g[:, k : k + 1])
-            lo, hi = max(z0 - r, 0), min(z1 + r, depth)
-            start = lo - (z0 - r)
-            grad_moving[:, :, lo:hi] += gm[:, :, start : start + hi - lo, r : r + height, r : r + width]
+        for k, fw, mw in _shift_windows(shape, z0, z1, r):
+            gk = g[(slice(None), slice(k, k + 1), slice(fw[0].start - z0, fw[0].stop - z0), *fw[1:])]
+            if grad_fixed is not None:  # grad_fixed[x] += g_k[x] * moving[x + d_k]
+                grad_fixed[(..., *fw)].addcmul_(moving[(..., *mw)], gk)
+            if grad_moving is not None:  # grad_moving[x + d_k] += g_k[x] * fixed[x]
+                grad_moving[(..., *mw)].addcmul_(fixed[(..., *fw)], gk)
     return grad_fixed, grad_moving
 
 

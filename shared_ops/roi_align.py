@@ -30,6 +30,9 @@ __all__ = ["RoIAlign", "roi_align"]
 
 BoxesLike = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 
+# Upper bound on the intermediate product of one group of images (bytes); bounds peak memory for large maps.
+_INTERMEDIATE_BYTES = 64 << 20
+
 
 def roi_align(
     input: torch.Tensor,
@@ -79,7 +82,7 @@ def roi_align(
         batch_index = rois[:, 0].long()
 
     # out[k] = A_y[k] @ input[b_k] @ A_x[k]^T for every channel. Boxes are grouped by image into
-    # slots (N, S) with S = most boxes on one image, so that each axis is one batched product.
+    # slots (N, S) with S = most boxes on one image, so that each axis is one batched product per group of images.
     counts = torch.bincount(batch_index, minlength=num_images)
     slots_per_image = int(counts.max())
     order = torch.argsort(batch_index, stable=True)
@@ -90,10 +93,18 @@ def roi_align(
 
     a_y_slots = a_y.new_zeros(num_images * slots_per_image, pooled_h, height).index_copy_(0, slot, a_y)
     a_x_slots = a_x.new_zeros(num_images * slots_per_image, pooled_w, width).index_copy_(0, slot, a_x)
-    feature = input.transpose(1, 2).reshape(num_images, height, channels * width)  # (N, H, C * W)
-    rows = torch.bmm(a_y_slots.view(num_images, slots_per_image * pooled_h, height), feature)
-    rows = rows.view(num_images * slots_per_image, pooled_h * channels, width)
-    pooled = torch.bmm(rows, a_x_slots.transpose(1, 2))[slot]  # (K, PH * C, PW)
+    a_y_slots = a_y_slots.view(num_images, slots_per_image * pooled_h, height)
+    a_x_slots = a_x_slots.view(num_images, slots_per_image, pooled_w, width)
+    # Images go in groups whose intermediate (slots * PH, C * W) products stay within _INTERMEDIATE_BYTES.
+    per_image = slots_per_image * pooled_h * channels * width * input.element_size()
+    group = max(1, _INTERMEDIATE_BYTES // max(per_image, 1))
+    pooled = []
+    for n0 in range(0, num_images, group):
+        n1 = min(num_images, n0 + group)
+        feature = input[n0:n1].transpose(1, 2).reshape(n1 - n0, height, channels * width)  # (n, H, C * W)
+        rows = torch.bmm(a_y_slots[n0:n1], feature).view(-1, pooled_h * channels, width)
+        pooled.append(torch.bmm(rows, a_x_slots[n0:n1].flatten(0, 1).transpose(1, 2)))  # (n * S, PH * C, PW)
+    pooled = torch.cat(pooled)[slot]  # (K, PH * C, PW)
     return pooled.view(-1, pooled_h, channels, pooled_w).transpose(1, 2)
 
 

@@ -160,3 +160,15 @@ def test_matches_torchvision_where_available():
             out = roi_align(feature, rois, (3, 3), 1 / 8, sampling_ratio, aligned)
             expected = tv_ops.roi_align(feature, rois, (3, 3), 1 / 8, sampling_ratio, aligned)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_image_groups_give_the_same_result(monkeypatch):
+    """Large maps are processed a few images at a time; the grouping must not change the result."""
+    from shared_ops import roi_align as module
+
+    feature = torch.randn(4, 3, 12, 12, requires_grad=True)
+    rois = _random_rois(30, 4, 12.0, 8.0)
+    whole = roi_align(feature, rois, 3)
+    monkeypatch.setattr(module, "_INTERMEDIATE_BYTES", 1)  # one image per group
+    torch.testing.assert_close(roi_align(feature, rois, 3), whole)
+    torch.testing.assert_close(roi_align(feature, rois, 3), roi_align_loop(feature, rois, (3, 3)))
