@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -164,8 +166,7 @@ def test_matches_torchvision_where_available():
 
 def test_image_groups_give_the_same_result(monkeypatch):
     """Large maps are processed a few images at a time; the grouping must not change the result."""
-    from shared_ops import roi_align as module
-
+    module = importlib.import_module("shared_ops.roi_align")  # the package re-exports a function of that name
     feature = torch.randn(4, 3, 12, 12, requires_grad=True)
     rois = _random_rois(30, 4, 12.0, 8.0)
     whole = roi_align(feature, rois, 3)
