@@ -1,4 +1,4 @@
-"""Synthetic breathing-lung CT phantom with a known exhale -> inhale displacement and landmark pairs.
+"""Synthetic breathing-lung CT phantom (inhale / exhale pair) with a known displacement and landmark pairs.
 
 One call of :func:`make_breathing_pair` gives a *fixed* (inspiration, inhale) and a *moving* (expiration,
 exhale) CT-like volume in Hounsfield units, the exact dense displacement that registers them, lung masks of
@@ -23,15 +23,17 @@ Conventions (used by every function of this module):
 Construction (exact by design): the anatomy at inhale is an analytic function of continuous physical
 position (ellipses, a dome, tubes; smooth texture from a fixed physical lattice) and the breathing motion
 ``u`` is an analytic smooth field in mm. ``fixed`` evaluates the anatomy on the grid; ``moving`` evaluates
-the same anatomy at ``x = phi^-1(y)``, the inverse of ``phi(x) = x + u(x)``, found by fixed-point iteration
-``x <- y - u(x)``. Hence ``moving(x + u(x)) = fixed(x)`` exactly up to sampling, and ``ddf = u / spacing``.
-The only intended intensity difference is the lung density: with ``mass_preserving=True`` the parenchyma
-keeps its mass, ``HU_exhale + 1000 = (HU_inhale + 1000) / J`` with ``J = det(I + grad u) < 1`` the local
-inhale -> exhale volume ratio, so the lungs are denser (higher HU) at exhale. Vessels, soft tissue and bone
-keep their HU. Acquisition noise (``noise_std``) is drawn independently for the two phases.
+the same anatomy at ``x = phi^-1(y)``, the inverse of ``phi(x) = x + u(x)``, found by the fixed-point
+iteration ``x <- y - u(x)`` finished by Newton steps. Hence ``moving(x + u(x)) = fixed(x)`` exactly up to
+sampling, and ``ddf = u / spacing``. The only intended intensity difference is the lung density: with
+``mass_preserving=True`` the parenchyma keeps its mass, ``HU_exhale + 1000 = (HU_inhale + 1000) / J`` with
+``J = det(I + grad u) < 1`` the local exhale / inhale volume ratio, so the lungs are denser (higher HU) at
+exhale. Vessels, soft tissue and bone keep their HU. Acquisition noise (``noise_std``) is drawn
+independently for the two phases.
 
 The phantom lives in a physical field of view (default 300 mm cube) whatever the grid size: one seed gives
-the same body at every resolution, and the spacing is ``field_of_view_mm / shape``.
+the same body and motion pattern at every resolution and amplitude, and the spacing is
+``field_of_view_mm / shape``.
 
 Files (:func:`save_pair`): nibabel arrays are ``(i, j, k)``; the ``(D, H, W)`` arrays are written transposed
 to ``(W, H, D)`` (``i = x``, ``j = y``, ``k = z``) with a RAS affine built from spacing, origin and direction
@@ -45,10 +47,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import operator
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,9 +90,11 @@ HU_RIB = 600.0
 
 # Motion model: peak cranio-caudal diaphragm excursion as a fraction of the lung height (amplitude 1).
 SI_FRACTION = 0.12
+MAX_AMPLITUDE = 2.5  # the motion stays fold-free (det > 0) up to about 3
 TEXTURE_SPACING_MM = 4.0
 INVERSE_TOLERANCE_MM = 1e-3
-INVERSE_MAX_ITERATIONS = 60
+INVERSE_PLAIN_ITERATIONS = 12
+INVERSE_MAX_ITERATIONS = 40
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,47 +204,55 @@ class _Motion:
     envelope_semi: np.ndarray  # (2,) (y, x) semi-axes of the moving thorax (body outline)
     envelope_y: float
     spine_yx: np.ndarray  # (2,)
-    spine_sigma: float
+    spine_radius: float  # no motion inside this distance from the spine axis
+    spine_fade: float  # full motion this much farther out
     wave_vectors: np.ndarray  # (K, 3) rad / mm
     wave_phases: np.ndarray  # (K,)
     wave_amplitudes: np.ndarray  # (K, 3) mm
 
 
-def _sample_texture(rng: np.random.Generator, half_fov: np.ndarray, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth unit-variance Gaussian noise on a physical lattice covering the FOV plus ``margin_mm``.
+def _f32(values) -> np.ndarray:
+    """Parameters as float32, so that arithmetic with float32 point arrays stays float32."""
+    return np.asarray(values, dtype=np.float32)
+
+
+def _sample_texture(rng: np.random.Generator, half_fov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth unit-variance Gaussian noise on a physical lattice covering the FOV plus a 20 % margin.
+
+    Beyond the lattice the texture continues as its border value (still one function of position).
 
     Returns:
         ``(lattice (Lz, Ly, Lx) float32, origin (3,))``.
     """
-    extent = half_fov + margin_mm
+    extent = 1.2 * half_fov
     size = np.ceil(2 * extent / TEXTURE_SPACING_MM).astype(int) + 1
     noise = ndimage.gaussian_filter(rng.standard_normal(tuple(size)), sigma=1.5, mode="wrap")
     noise = (noise - noise.mean()) / max(float(noise.std()), 1e-6)
     return noise.astype(np.float32), -extent
 
 
-def _sample_anatomy(rng: np.random.Generator, half_fov: np.ndarray, margin_mm: float) -> _Anatomy:
+def _sample_anatomy(rng: np.random.Generator, half_fov: np.ndarray) -> _Anatomy:
     """Draw the random anatomy of one phantom; sizes scale with the field of view (300 mm reference)."""
     hz, hy, hx = half_fov
     body_semi = np.array([0.72 * hy, 0.94 * hx]) * rng.uniform(0.96, 1.04, 2)
-    lung_semi = np.array([[0.53 * hy, 0.39 * hx]] * 2) * rng.uniform(0.95, 1.05, (2, 2))
+    lung_semi = np.array([[0.56 * hy, 0.43 * hx]] * 2) * rng.uniform(0.95, 1.05, (2, 2))
     lung_centres = np.array([[0.03 * hy, -0.47 * hx], [0.03 * hy, 0.47 * hx]]) + rng.uniform(-0.01, 0.01, (2, 2)) * hy
     dome_top = np.array([-0.24, -0.28]) * hz + rng.uniform(-0.03, 0.03, 2) * hz  # right dome higher (liver)
-    texture, texture_origin = _sample_texture(rng, half_fov, margin_mm)
+    texture, texture_origin = _sample_texture(rng, half_fov)
     return _Anatomy(
-        body_semi=body_semi,
+        body_semi=_f32(body_semi),
         body_y=0.0,
         fat_mm=10.0 * hy / 150.0,
-        lung_centres=lung_centres,
-        lung_semi=lung_semi,
-        dome_top=dome_top,
-        dome_depth=np.array([0.42, 0.42]) * hz * rng.uniform(0.9, 1.1, 2),
-        apex=np.array([0.78, 0.78]) * hz + rng.uniform(-0.02, 0.02, 2) * hz,
+        lung_centres=_f32(lung_centres),
+        lung_semi=_f32(lung_semi),
+        dome_top=_f32(dome_top),
+        dome_depth=_f32(np.array([0.42, 0.42]) * hz * rng.uniform(0.9, 1.1, 2)),
+        apex=_f32(np.array([0.78, 0.78]) * hz + rng.uniform(-0.02, 0.02, 2) * hz),
         taper_start=0.3 * hz,
-        wall_mm=26.0 * hy / 150.0,
-        heart_centre=np.array([-0.17 * hz, -0.2 * hy, 0.15 * hx]) + rng.uniform(-0.02, 0.02, 3) * half_fov,
-        heart_semi=np.array([0.3 * hz, 0.33 * hy, 0.37 * hx]) * rng.uniform(0.93, 1.07, 3),
-        spine_yx=np.array([0.47 * hy, 0.0]),
+        wall_mm=22.0 * hy / 150.0,
+        heart_centre=_f32(np.array([-0.17 * hz, -0.2 * hy, 0.15 * hx]) + rng.uniform(-0.02, 0.02, 3) * half_fov),
+        heart_semi=_f32(np.array([0.28 * hz, 0.31 * hy, 0.34 * hx]) * rng.uniform(0.93, 1.07, 3)),
+        spine_yx=_f32([0.47 * hy, 0.0]),
         spine_radius=0.115 * hy,
         disc_period=0.2 * hz,
         disc_phase=float(rng.uniform(0, 0.2 * hz)),
@@ -249,11 +260,11 @@ def _sample_anatomy(rng: np.random.Generator, half_fov: np.ndarray, margin_mm: f
         rib_phase=float(rng.uniform(0, 0.175 * hz)),
         rib_slope=float(rng.uniform(0.3, 0.45)),
         rib_radius=0.033 * hy,
-        trachea_yx=np.array([-0.05 * hy, 0.0]),
+        trachea_yx=_f32([-0.05 * hy, 0.0]),
         trachea_radius=0.06 * hx,
         carina_z=0.25 * hz,
         texture=texture,
-        texture_origin=texture_origin,
+        texture_origin=_f32(texture_origin),
     )
 
 
@@ -267,7 +278,7 @@ def _sample_motion(rng: np.random.Generator, anatomy: _Anatomy, amplitude: float
     wavelengths = rng.uniform(140.0, 260.0, n_waves)
     return _Motion(
         amplitude=float(amplitude),
-        si_mm=SI_FRACTION * (z_apex - z_base) * rng.uniform(0.85, 1.15, 2),
+        si_mm=_f32(SI_FRACTION * (z_apex - z_base) * rng.uniform(0.85, 1.15, 2)),
         z_apex=z_apex + 0.05 * (z_apex - z_base),
         z_base=z_base,
         ap_rate=float(rng.uniform(0.035, 0.06)),
@@ -275,10 +286,11 @@ def _sample_motion(rng: np.random.Generator, anatomy: _Anatomy, amplitude: float
         envelope_semi=anatomy.body_semi.copy(),
         envelope_y=anatomy.body_y,
         spine_yx=anatomy.spine_yx.copy(),
-        spine_sigma=1.6 * anatomy.spine_radius,
-        wave_vectors=directions * (2 * np.pi / wavelengths)[:, None],
-        wave_phases=rng.uniform(0, 2 * np.pi, n_waves),
-        wave_amplitudes=rng.uniform(-1.2, 1.2, (n_waves, 3)),
+        spine_radius=anatomy.spine_radius,
+        spine_fade=2.0 * anatomy.spine_radius,
+        wave_vectors=_f32(directions * (2 * np.pi / wavelengths)[:, None]),
+        wave_phases=_f32(rng.uniform(0, 2 * np.pi, n_waves)),
+        wave_amplitudes=_f32(rng.uniform(-1.2, 1.2, (n_waves, 3))),
     )
 
 
@@ -395,8 +407,15 @@ def _vessel_roots(rng: np.random.Generator, anat: _Anatomy) -> tuple[np.ndarray,
         hilum = np.array([0.03 * (anat.apex[side] - anat.dome_top[side]), cy - 0.1 * anat.lung_semi[side, 0], 0.0])
         hilum[2] = cx - sign * 0.45 * anat.lung_semi[side, 1]
         base = np.array(
-            [[0.9, 0.1, 0.4], [0.5, -0.5, 0.7], [0.4, 0.7, 0.6], [0.0, -0.7, 0.7], [0.0, 0.7, 0.7], [-0.8, -0.3, 0.5],
-             [-0.8, 0.5, 0.4]]
+            [
+                [0.9, 0.1, 0.4],
+                [0.5, -0.5, 0.7],
+                [0.4, 0.7, 0.6],
+                [0.0, -0.7, 0.7],
+                [0.0, 0.7, 0.7],
+                [-0.8, -0.3, 0.5],
+                [-0.8, 0.5, 0.4],
+            ]
         )
         base[:, 2] *= sign
         starts.append(np.repeat(hilum[None], len(base), axis=0))
@@ -420,45 +439,57 @@ def _end_inside_lungs(
     return end, found
 
 
-def _grow_vessels(rng: np.random.Generator, anat: _Anatomy, root_radius: float, min_radius: float = 0.8) -> _Vessels:
-    """Grow binary vessel trees generation by generation (vectorised over branches).
+def _split(
+    rng: np.random.Generator, ends: np.ndarray, dirs: np.ndarray, hilum: np.ndarray, length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two child directions per parent, interleaved ``(2B, 3)``, and child lengths ``(2B,)``.
 
-    Each segment ends inside the lungs (shortened if needed, else dropped); a segment with two surviving children
-    marks a bifurcation. Children shrink in length (x0.75-0.90) and radius (x0.70-0.80), split by 20-40
-    degrees in a random plane and lean away from the hilum so the trees fill the lungs.
+    The children turn by 20-40 degrees to opposite sides in a random plane, lean away from the hilum so the
+    trees fill the lungs, and are 75-90 % as long as their parent.
+    """
+    parent_dirs = np.repeat(dirs, 2, axis=0)
+    angle = np.deg2rad(rng.uniform(20.0, 40.0, len(parent_dirs))) * np.tile([1.0, -1.0], len(dirs))
+    normal = np.repeat(_random_perpendicular(rng, dirs), 2, axis=0)
+    turned = np.cos(angle)[:, None] * parent_dirs + np.sin(angle)[:, None] * normal
+    outward = _normalise(np.repeat(ends - hilum, 2, axis=0))
+    child_length = np.repeat(length, 2) * rng.uniform(0.75, 0.9, len(parent_dirs))
+    return _normalise(turned + 0.3 * outward), child_length
+
+
+def _grow_vessels(rng: np.random.Generator, anat: _Anatomy, root_radius: float, min_radius: float = 0.8) -> _Vessels:
+    """Grow binary vessel trees from the hila, one generation at a time (vectorised over branches).
+
+    A segment is at most ``0.7 x`` its start's depth inside the lungs long and must end inside them
+    (shortened if needed, else dropped); its radius shrinks by 70-80 % per generation down to ``min_radius``
+    mm. A segment with two surviving children marks a bifurcation.
     """
     pos, dirs, hilum = _vessel_roots(rng, anat)
     length = np.full(len(pos), 0.16 * float(np.mean(anat.apex - anat.dome_top)))
     radius = np.full(len(pos), root_radius)
-    seg_start, seg_end, seg_r0, seg_r1, bifurcations = [], [], [], [], []
-    parent_ends, parent_of = np.zeros((0, 3)), None
+    parent_of = np.full(len(pos), -1)
+    parent_ends = np.zeros((0, 3))
+    starts, ends, r_start, r_end, bifurcations = [], [], [], [], []
     while len(pos):
-        depth = -_lung_sdf(anat, pos.T)
-        reach = np.minimum(length, np.maximum(0.7 * depth, 2.0 * radius))
+        reach = np.minimum(length, np.maximum(0.7 * -_lung_sdf(anat, pos.T), 2.0 * radius))
         end, keep = _end_inside_lungs(anat, pos, dirs, reach, radius)
-        if parent_of is not None:
-            counts = np.bincount(parent_of[keep], minlength=len(parent_ends))
-            bifurcations.append(parent_ends[counts == 2])
-        pos, dirs, hilum, radius, length, end = pos[keep], dirs[keep], hilum[keep], radius[keep], length[keep], end[keep]
+        counts = np.bincount(parent_of[keep & (parent_of >= 0)], minlength=len(parent_ends))
+        bifurcations.append(parent_ends[counts == 2])
+        pos, end, dirs, hilum, radius, length = (a[keep] for a in (pos, end, dirs, hilum, radius, length))
         child_radius = radius * rng.uniform(0.70, 0.80, len(radius))
-        seg_start.append(pos)
-        seg_end.append(end)
-        seg_r0.append(radius)
-        seg_r1.append(0.5 * (radius + child_radius))
-        grows = child_radius >= min_radius
-        parent_ends, parent_of = end, np.repeat(np.flatnonzero(grows), 2)
-        pos, dirs, hilum = end[parent_of], dirs[parent_of], hilum[parent_of]
-        radius, length = child_radius[parent_of], length[parent_of] * rng.uniform(0.75, 0.9, len(parent_of))
-        angle = np.deg2rad(rng.uniform(20.0, 40.0, len(parent_of))) * np.tile([1.0, -1.0], len(parent_of) // 2)
-        normal = np.repeat(_random_perpendicular(rng, dirs[::2]), 2, axis=0)
-        turned = np.cos(angle)[:, None] * dirs + np.sin(angle)[:, None] * normal
-        dirs = _normalise(turned + 0.3 * _normalise(pos - hilum))
+        starts.append(pos)
+        ends.append(end)
+        r_start.append(radius)
+        r_end.append(0.5 * (radius + child_radius))
+        grows = np.flatnonzero(child_radius >= min_radius)
+        dirs, length = _split(rng, end[grows], dirs[grows], hilum[grows], length[grows])
+        parent_of, parent_ends = np.repeat(grows, 2), end
+        pos, hilum, radius = end[parent_of], hilum[parent_of], child_radius[parent_of]
     return _Vessels(
-        starts=np.concatenate(seg_start),
-        ends=np.concatenate(seg_end),
-        radius_start=np.concatenate(seg_r0),
-        radius_end=np.concatenate(seg_r1),
-        bifurcations=np.concatenate(bifurcations) if bifurcations else np.zeros((0, 3)),
+        starts=np.concatenate(starts),
+        ends=np.concatenate(ends),
+        radius_start=np.concatenate(r_start),
+        radius_end=np.concatenate(r_end),
+        bifurcations=np.concatenate(bifurcations),
     )
 
 
@@ -480,43 +511,48 @@ def _segment_occupancy(points: np.ndarray, seg: tuple[np.ndarray, np.ndarray, fl
 
 
 def _rasterise_vessels(
-    vessels: _Vessels, points: np.ndarray, geometry: _Grid, edge: float, ddf: np.ndarray | None = None
+    vessels: _Vessels, points: np.ndarray, grid: _Grid, edge: float, ddf: np.ndarray | None = None
 ) -> np.ndarray:
     """Vessel occupancy in [0, 1] at the grid-shaped ``points (3, D, H, W)`` (mm, inhale frame).
 
-    ``points`` are the grid itself (fixed image) or the inverse-mapped grid ``phi^-1(y)`` (moving image).
-    Each segment is evaluated only on the block of voxels that can reach it: its bounding box in the inhale
-    frame, widened for the moving image by the range of the forward ``ddf (3, D, H, W)`` (voxels) over that
-    box plus one voxel, since ``y = x + u(x)``.
+    ``points`` are the grid itself (fixed image, ``ddf=None``) or the inverse-mapped grid ``phi^-1(y)``
+    (moving image, with the forward ``ddf (3, D, H, W)`` in voxels). Each segment is evaluated only on the
+    block of voxels that can reach it (see :func:`_segment_block`).
     """
     out = np.zeros(points.shape[1:], dtype=np.float32)
-    shape = np.array(points.shape[1:])
     for a, b, r0, r1 in zip(vessels.starts, vessels.ends, vessels.radius_start, vessels.radius_end, strict=True):
-        reach = max(r0, r1, 0.5 * edge) + edge
-        lo = np.floor(geometry.to_index(np.minimum(a, b) - reach)).astype(int)
-        hi = np.ceil(geometry.to_index(np.maximum(a, b) + reach)).astype(int) + 1
-        lo, hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
-        if ddf is not None:
-            if np.any(hi <= lo):
-                lo, hi = _widen_outside_grid(geometry, a, b, reach)
-            else:
-                box = ddf[(slice(None),) + tuple(slice(int(i), int(j)) for i, j in zip(lo, hi, strict=True))]
-                lo = lo + np.floor(box.reshape(3, -1).min(axis=1)).astype(int) - 1
-                hi = hi + np.ceil(box.reshape(3, -1).max(axis=1)).astype(int) + 1
-            lo, hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
-        if np.any(hi <= lo):
-            continue
-        block = tuple(slice(int(i), int(j)) for i, j in zip(lo, hi, strict=True))
-        occ = _segment_occupancy(points[(slice(None),) + block], (a, b, float(r0), float(r1)), edge)
-        np.maximum(out[block], occ, out=out[block])
+        reach = max(r0, r1, 0.5 * edge) + edge  # the occupancy is zero farther than this from the axis
+        block = _segment_block(grid, a, b, reach, ddf)
+        if block is not None:
+            occ = _segment_occupancy(points[(slice(None),) + block], (a, b, float(r0), float(r1)), edge)
+            np.maximum(out[block], occ, out=out[block])
     return out
 
 
-def _widen_outside_grid(geometry: _Grid, a: np.ndarray, b: np.ndarray, reach: float) -> tuple[np.ndarray, np.ndarray]:
-    """Block for a segment outside the grid in the inhale frame: widen by the global displacement bound."""
-    lo = np.floor(geometry.to_index(np.minimum(a, b) - reach - geometry.max_shift_mm)).astype(int)
-    hi = np.ceil(geometry.to_index(np.maximum(a, b) + reach + geometry.max_shift_mm)).astype(int) + 1
-    return lo, hi
+def _segment_block(
+    grid: _Grid, a: np.ndarray, b: np.ndarray, reach: float, ddf: np.ndarray | None
+) -> tuple[slice, slice, slice] | None:
+    """Voxel block whose points can lie within ``reach`` mm of the segment ``a-b`` (inhale frame), or None.
+
+    Fixed image: the segment's bounding box. Moving image: a voxel ``y`` holds the inhale point ``x`` with
+    ``y = x + u(x)``, so the box is widened by the range of ``ddf`` over it, plus two voxels for the variation
+    between grid points; a box reaching outside the grid is widened by the global displacement bound.
+    """
+    shape = np.array(grid.shape)
+    lo = np.floor(grid.to_index(np.minimum(a, b) - reach)).astype(int)
+    hi = np.ceil(grid.to_index(np.maximum(a, b) + reach)).astype(int) + 1
+    if ddf is not None:
+        if np.all(lo >= 0) and np.all(hi <= shape):
+            box = ddf[(slice(None),) + tuple(slice(int(i), int(j)) for i, j in zip(lo, hi, strict=True))]
+            lo = lo + np.floor(box.reshape(3, -1).min(axis=1)).astype(int) - 2
+            hi = hi + np.ceil(box.reshape(3, -1).max(axis=1)).astype(int) + 2
+        else:
+            lo = np.floor(grid.to_index(np.minimum(a, b) - reach - grid.max_shift_mm)).astype(int)
+            hi = np.ceil(grid.to_index(np.maximum(a, b) + reach + grid.max_shift_mm)).astype(int) + 1
+    lo, hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+    if np.any(hi <= lo):
+        return None
+    return tuple(slice(int(i), int(j)) for i, j in zip(lo, hi, strict=True))  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -546,7 +582,10 @@ class _Grid:
 
     def points(self) -> np.ndarray:
         """Positions of all voxel centres, ``(3, D, H, W)`` float32 mm."""
-        axes = [((np.arange(n) - (n - 1) / 2.0) * s).astype(np.float32) for n, s in zip(self.shape, self.spacing)]
+        axes = [
+            ((np.arange(n) - (n - 1) / 2.0) * s).astype(np.float32)
+            for n, s in zip(self.shape, self.spacing, strict=True)
+        ]
         return np.stack(np.meshgrid(*axes, indexing="ij"))
 
 
@@ -554,15 +593,15 @@ def _displacement_mm(motion: _Motion, p: np.ndarray) -> np.ndarray:
     """Inhale -> exhale displacement ``u(p) (3, ...)`` in mm at inhale positions ``p (3, ...)``.
 
     The diaphragm region rises (``+z``) most, fading to zero at the apex; the thorax contracts a little
-    towards the spine and the mid-line; everything fades out towards the body outline and the spine, and a
-    few long-wavelength random waves add variety.
+    towards the spine and the mid-line; a few long-wavelength random waves add variety. Everything fades out
+    towards the body outline (zero outside it) and the spine (zero inside it).
     """
     z, y, x = p
     base = _cos_step((motion.z_apex - z) / (motion.z_apex - motion.z_base))
     rho = np.sqrt(((y - motion.envelope_y) / motion.envelope_semi[0]) ** 2 + (x / motion.envelope_semi[1]) ** 2)
     envelope = _cos_step((1.05 - rho) / 0.45)
-    spine_d2 = (y - motion.spine_yx[0]) ** 2 + (x - motion.spine_yx[1]) ** 2
-    weight = motion.amplitude * envelope * (1.0 - np.exp(-spine_d2 / motion.spine_sigma**2))
+    spine_distance = np.sqrt((y - motion.spine_yx[0]) ** 2 + (x - motion.spine_yx[1]) ** 2)
+    weight = motion.amplitude * envelope * _cos_step((spine_distance - motion.spine_radius) / motion.spine_fade)
     side = 0.5 * (1.0 + np.tanh(x / 40.0))
     si = motion.si_mm[0] + (motion.si_mm[1] - motion.si_mm[0]) * side
     lower = 0.5 + 0.5 * base
@@ -570,24 +609,47 @@ def _displacement_mm(motion: _Motion, p: np.ndarray) -> np.ndarray:
     u[0] = weight * si * base
     u[1] = weight * motion.ap_rate * (motion.spine_yx[0] - y) * lower
     u[2] = -weight * motion.lr_rate * (x - motion.spine_yx[1]) * lower
-    wave_weight = motion.amplitude * envelope
     for k, phase, amp in zip(motion.wave_vectors, motion.wave_phases, motion.wave_amplitudes, strict=True):
-        wave = wave_weight * np.sin(k[0] * z + k[1] * y + k[2] * x + phase)
+        wave = weight * np.sin(k[0] * z + k[1] * y + k[2] * x + phase)
         for axis in range(3):
             u[axis] += amp[axis] * wave
     return u.astype(np.float32)
 
 
 def _invert_motion(motion: _Motion, y: np.ndarray) -> np.ndarray:
-    """Inhale positions ``x (3, ...)`` with ``x + u(x) = y`` by the fixed-point iteration ``x <- y - u(x)``."""
-    x = y - _displacement_mm(motion, y)
-    for _ in range(INVERSE_MAX_ITERATIONS):
-        x_new = y - _displacement_mm(motion, x)
-        change = float(np.max(np.abs(x_new - x))) if x.size else 0.0
-        x = x_new
-        if change < INVERSE_TOLERANCE_MM:
-            return x
-    raise ValueError("the breathing motion is not invertible at this amplitude (fixed-point iteration diverged)")
+    """Inhale positions ``x (3, ...)`` with ``x + u(x) = y`` for exhale positions ``y (3, ...)`` (mm).
+
+    Fixed-point iteration ``x <- y - u(x)`` first (fast where ``u`` is gentle), then Newton steps
+    ``x <- x - (I + grad u)^-1 (x + u(x) - y)`` for the points still moving, where strong shear slows the
+    plain iteration. Each point stops once its update is below ``INVERSE_TOLERANCE_MM``.
+    """
+    flat = y.reshape(3, -1)
+    x = flat - _displacement_mm(motion, flat)
+    active = np.arange(flat.shape[1])
+    for iteration in range(INVERSE_MAX_ITERATIONS):
+        xa, ya = x[:, active], flat[:, active]
+        new = (
+            ya - _displacement_mm(motion, xa) if iteration < INVERSE_PLAIN_ITERATIONS else _newton_step(motion, xa, ya)
+        )
+        change = np.max(np.abs(new - xa), axis=0)
+        x[:, active] = new
+        active = active[~(change < INVERSE_TOLERANCE_MM)]
+        if active.size == 0:
+            return x.reshape(y.shape)
+    raise ValueError("the breathing motion could not be inverted at this amplitude; use a smaller amplitude")
+
+
+def _newton_step(motion: _Motion, x: np.ndarray, y: np.ndarray, h: float = 0.05) -> np.ndarray:
+    """One Newton step for ``x + u(x) = y`` at points ``x, y (3, M)``, ``grad u`` by central differences."""
+    jac = np.empty((x.shape[1], 3, 3), dtype=np.float64)
+    for j in range(3):
+        offset = np.zeros((3, 1), dtype=x.dtype)
+        offset[j] = h
+        diff = _displacement_mm(motion, x + offset) - _displacement_mm(motion, x - offset)
+        jac[:, :, j] = (diff / (2 * h)).T
+    jac += np.eye(3)
+    residual = (x + _displacement_mm(motion, x) - y).T.astype(np.float64)
+    return (x.T - np.linalg.solve(jac, residual[..., None])[..., 0]).T.astype(x.dtype)
 
 
 def _determinant3(m: list[list[np.ndarray]]) -> np.ndarray:
@@ -674,20 +736,17 @@ def _add_bone(anat: _Anatomy, p: np.ndarray, edge: float, hu: np.ndarray) -> np.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def sample_field(field: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Trilinear samples of ``field (C, D, H, W)`` at voxel ``points (N, 3)`` (border values outside).
+def sample_field(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Trilinear samples of a multi-channel ``volume (C, D, H, W)`` (e.g. a ddf) at voxel ``points (N, 3)``.
 
-    Returns:
-        ``(N, C)`` float64.
+    Points outside the grid take border values. Returns ``(N, C)`` float64.
     """
-    field = np.asarray(field)
+    volume = np.asarray(volume)
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    if field.ndim != 4:
-        raise ValueError(f"field: expected shape (C, D, H, W), got {field.shape}")
-    coords = points.T
-    return np.stack(
-        [ndimage.map_coordinates(np.asarray(c, np.float64), coords, order=1, mode="nearest") for c in field], axis=1
-    ).reshape(len(points), len(field))
+    if volume.ndim != 4:
+        raise ValueError(f"volume: expected shape (C, D, H, W), got {volume.shape}")
+    channels = [ndimage.map_coordinates(np.asarray(c, np.float64), points.T, order=1, mode="nearest") for c in volume]
+    return np.stack(channels, axis=1).reshape(len(points), len(volume))
 
 
 def target_registration_error(
@@ -763,31 +822,49 @@ def _random_lung_points(
 
 def _validate_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     """``shape`` as three ints >= 16, or a ValueError."""
-    try:
-        dims = tuple(operator.index(s) for s in shape)
-    except TypeError:
-        raise ValueError(f"shape: expected 3 integers >= 16, got {shape!r}") from None
-    if len(dims) != 3 or any(isinstance(s, bool) or s < 16 for s in shape):
+    values = tuple(shape) if isinstance(shape, Sequence | np.ndarray) else ()
+    if len(values) != 3 or not all(_is_int(v) and v >= 16 for v in values):
         raise ValueError(f"shape: expected 3 integers >= 16, got {shape!r}")
-    return dims  # type: ignore[return-value]
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def _is_int(value) -> bool:
+    """Whether ``value`` is a Python or numpy integer (not a bool)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    """ValueError unless ``value`` is an integer >= ``minimum``."""
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value, minimum: float) -> None:
+    """ValueError unless ``value`` is a finite real number >= ``minimum``."""
+    if not isinstance(value, int | float | np.integer | np.floating) or isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name}: expected a finite number >= {minimum}, got {value!r}")
+    if not math.isfinite(float(value)) or value < minimum:
+        raise ValueError(f"{name}: expected a finite number >= {minimum}, got {value!r}")
 
 
 def _validate_arguments(
     seed: int, amplitude: float, n_landmarks: int, fov: Sequence[float], noise_std: float, lung_hu: float
 ) -> None:
     """Raise ValueError for a bad argument of :func:`make_breathing_pair`."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    if not math.isfinite(float(amplitude)) or amplitude < 0:
-        raise ValueError(f"amplitude: expected a finite value >= 0, got {amplitude!r}")
-    if isinstance(n_landmarks, bool) or not isinstance(n_landmarks, int | np.integer) or n_landmarks < 0:
-        raise ValueError(f"n_landmarks: expected an integer >= 0, got {n_landmarks!r}")
-    if len(fov) != 3 or not all(math.isfinite(float(f)) and f > 0 for f in fov):
+    _check_int("seed", seed, 0)
+    _check_number("amplitude", amplitude, 0.0)
+    if amplitude > MAX_AMPLITUDE:
+        raise ValueError(f"amplitude: expected a value in [0, {MAX_AMPLITUDE}] (larger ones fold), got {amplitude!r}")
+    _check_int("n_landmarks", n_landmarks, 0)
+    _check_number("noise_std", noise_std, 0.0)
+    _check_number("lung_hu", lung_hu, -999.0)
+    if lung_hu >= 0:
+        raise ValueError(f"lung_hu: expected a value in [-999, 0), got {lung_hu!r}")
+    values = tuple(fov) if isinstance(fov, Sequence | np.ndarray) else ()
+    if len(values) != 3:
         raise ValueError(f"field_of_view_mm: expected 3 positive lengths, got {fov!r}")
-    if not math.isfinite(float(noise_std)) or noise_std < 0:
-        raise ValueError(f"noise_std: expected a finite value >= 0, got {noise_std!r}")
-    if not -1000.0 < lung_hu < 0.0:
-        raise ValueError(f"lung_hu: expected a value in (-1000, 0), got {lung_hu!r}")
+    for value in values:
+        _check_number("field_of_view_mm", value, 1e-3)
 
 
 def make_breathing_pair(
@@ -806,8 +883,8 @@ def make_breathing_pair(
     Args:
         shape: grid ``(D, H, W)``, each >= 16.
         seed: seed of every random choice (anatomy, vessels, motion, landmarks, noise).
-        amplitude: breathing amplitude; 1 moves the lung base about 12 % of the lung height (~27 mm),
-            0 gives no motion.
+        amplitude: breathing amplitude in ``[0, MAX_AMPLITUDE]``; 1 moves the lung base about 12 % of the
+            lung height (~27 mm, mean landmark TRE ~10 mm), 0 gives no motion.
         n_landmarks: number of landmark pairs (vessel bifurcations, then random lung points).
         field_of_view_mm: physical extent along the array axes; ``spacing = field_of_view_mm / shape``.
         noise_std: standard deviation (HU) of independent Gaussian acquisition noise per phase.
@@ -823,8 +900,7 @@ def make_breathing_pair(
     half_fov = np.asarray(field_of_view_mm, dtype=np.float64) / 2.0
     spacing = np.asarray(field_of_view_mm, dtype=np.float64) / np.array(dims)
     edge = float(np.mean(spacing))
-    margin = SI_FRACTION * 2.2 * float(half_fov[0]) * 1.3 * float(amplitude) + 20.0
-    anat = _sample_anatomy(rng, half_fov, margin)
+    anat = _sample_anatomy(rng, half_fov)
     vessels = _grow_vessels(rng, anat, root_radius=5.5 * half_fov[1] / 150.0)
     motion = _sample_motion(rng, anat, amplitude)
 
@@ -833,13 +909,9 @@ def make_breathing_pair(
     u = _displacement_mm(motion, x)
     ddf = (u / spacing.reshape(3, 1, 1, 1)).astype(np.float32)
     if float(jacobian_determinant(ddf).min()) <= 0.0:
-        raise ValueError(f"amplitude {amplitude} folds the breathing motion; use a smaller amplitude")
-    moving_grid = _Grid(dims, spacing, max_shift_mm=float(np.abs(u).max()) + edge)
+        raise ValueError(f"amplitude {amplitude} folds the breathing motion; use a smaller amplitude")  # safeguard
     fixed, fixed_mask = _render(anat, _rasterise_vessels(vessels, x, grid, edge), x, edge, lung_hu)
-    x_inv = _invert_motion(motion, x)
-    density = _inverse_jacobian(x_inv, spacing) if mass_preserving else 1.0
-    moving_vessels = _rasterise_vessels(vessels, x_inv, moving_grid, edge, ddf)
-    moving, moving_mask = _render(anat, moving_vessels, x_inv, edge, lung_hu, density)
+    moving, moving_mask = _render_exhale(anat, vessels, motion, grid, ddf, edge, lung_hu, mass_preserving)
 
     fixed_landmarks = _select_landmarks(rng, anat, vessels, grid, fixed_mask, int(n_landmarks))
     moving_landmarks = fixed_landmarks + sample_field(ddf, fixed_landmarks)
@@ -856,6 +928,30 @@ def make_breathing_pair(
     )
 
 
+def _render_exhale(
+    anat: _Anatomy,
+    vessels: _Vessels,
+    motion: _Motion,
+    grid: _Grid,
+    ddf: np.ndarray,
+    edge: float,
+    lung_hu: float,
+    mass_preserving: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exhale CT and lung mask ``(D, H, W)``: the inhale anatomy at the inverse-mapped grid ``phi^-1(y)``.
+
+    ``ddf (3, D, H, W)`` is the forward displacement in voxels (used to bound each vessel's voxel block).
+    With ``mass_preserving`` the parenchyma ``HU + 1000`` is scaled by ``det(d phi^-1 / dy) = 1 / J``.
+    """
+    y = grid.points()
+    x_inv = _invert_motion(motion, y)
+    shift_mm = float(np.max(np.abs(x_inv - y)))
+    density = _inverse_jacobian(x_inv, grid.spacing) if mass_preserving else 1.0
+    moving_grid = _Grid(grid.shape, grid.spacing, max_shift_mm=1.5 * shift_mm + edge)
+    occupancy = _rasterise_vessels(vessels, x_inv, moving_grid, edge, ddf)
+    return _render(anat, occupancy, x_inv, edge, lung_hu, density)
+
+
 def _add_noise(rng: np.random.Generator, image: np.ndarray, std: float) -> np.ndarray:
     """``image`` plus Gaussian noise of ``std`` HU (float32)."""
     if std == 0:
@@ -868,7 +964,9 @@ def _add_noise(rng: np.random.Generator, image: np.ndarray, std: float) -> np.nd
 # ----------------------------------------------------------------------------------------------------------
 
 
-def nifti_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0), direction=IDENTITY) -> np.ndarray:
+def nifti_affine(
+    spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0), direction: Sequence[Sequence[float]] = IDENTITY
+) -> np.ndarray:
     """RAS affine ``(4, 4)`` of a ``(D, H, W)`` volume written transposed as NIfTI ``(W, H, D)``.
 
     Array geometry (array axis order, LPS frame) -> NIfTI voxel ``(i, j, k) = (x, y, z)`` index -> RAS mm.
@@ -882,7 +980,7 @@ def nifti_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 
     return affine
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(temporary_path)`` on a temporary file next to ``path`` (same suffix), then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
@@ -890,6 +988,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -913,20 +1012,34 @@ def load_nifti_volume(path: str | os.PathLike) -> tuple[np.ndarray, Vec3]:
     return np.ascontiguousarray(array), tuple(float(z) for z in zooms[::-1])  # type: ignore[return-value]
 
 
-def voxel_to_physical(points: np.ndarray, spacing: Sequence[float], origin=(0.0, 0.0, 0.0), direction=IDENTITY):
+def voxel_to_physical(
+    points: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
+    direction: Sequence[Sequence[float]] = IDENTITY,
+) -> np.ndarray:
     """Voxel coordinates ``(N, 3)`` -> physical mm ``(N, 3)`` (array axis order)."""
     scaled = np.asarray(points, float).reshape(-1, 3) * np.asarray(spacing, float)
     return scaled @ np.asarray(direction, float).T + np.asarray(origin, float)
 
 
-def physical_to_voxel(points: np.ndarray, spacing: Sequence[float], origin=(0.0, 0.0, 0.0), direction=IDENTITY):
+def physical_to_voxel(
+    points: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
+    direction: Sequence[Sequence[float]] = IDENTITY,
+) -> np.ndarray:
     """Physical mm ``(N, 3)`` (array axis order) -> voxel coordinates ``(N, 3)``."""
     local = (np.asarray(points, float).reshape(-1, 3) - np.asarray(origin, float)) @ np.asarray(direction, float)
     return local / np.asarray(spacing, float)
 
 
 def write_landmarks_csv(
-    path: str | os.PathLike, landmarks: np.ndarray, spacing: Sequence[float], origin=(0.0, 0.0, 0.0), direction=IDENTITY
+    path: str | os.PathLike,
+    landmarks: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
+    direction: Sequence[Sequence[float]] = IDENTITY,
 ) -> None:
     """Write voxel landmarks ``(N, 3)`` as physical mm, header ``z_mm,y_mm,x_mm`` (atomic)."""
     points = voxel_to_physical(landmarks, spacing, origin, direction)
@@ -986,11 +1099,9 @@ def make_dataset(
         Path of ``datalist.json``: a list of ``{"fixed", "moving", "fixed_landmarks", "moving_landmarks",
         "fixed_lung_mask", "moving_lung_mask", "ddf"}`` paths relative to ``folder``.
     """
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int | np.integer) or n_pairs < 1:
-        raise ValueError(f"n_pairs: expected an integer >= 1, got {n_pairs!r}")
+    _check_int("n_pairs", n_pairs, 1)
+    _check_int("seed", seed, 0)
     _validate_shape(shape)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     folder = Path(folder)
     entries = []
     for i, child in enumerate(np.random.SeedSequence(int(seed)).spawn(int(n_pairs))):
