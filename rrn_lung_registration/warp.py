@@ -46,7 +46,8 @@ def warp(
     """
     if image.ndim != 5 or ddf.ndim != 5 or ddf.shape[1] != 3:
         raise ValueError(
-            f"warp expects image (B, C, D, H, W) and ddf (B, 3, D, H, W), got {tuple(image.shape)} and {tuple(ddf.shape)}."
+            "warp expects image (B, C, D, H, W) and ddf (B, 3, D, H, W), "
+            f"got {tuple(image.shape)} and {tuple(ddf.shape)}."
         )
     if image.shape[0] != ddf.shape[0] or image.shape[2:] != ddf.shape[2:]:
         raise ValueError(
@@ -104,7 +105,7 @@ def warp(
         weight = weights[0][bits[0]] * weights[1][bits[1]] * weights[2][bits[2]]
         if padding_mode == "zeros":
             weight = weight * (inside[0][bits[0]] & inside[1][bits[1]] & inside[2][bits[2]]).to(weight.dtype)
-        offset = sum(b * s for b, s in zip(bits, strides))
+        offset = sum(b * s for b, s in zip(bits, strides, strict=True))
         term = _gather(flat_image, base + offset) * weight.unsqueeze(1)
         out = term if out is None else out + term
     return out.view_as(image)

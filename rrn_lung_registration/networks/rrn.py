@@ -120,7 +120,7 @@ class DilatedRefiner(nn.Module):
                 "and end with 3 output channels."
             )
         layers, width = [], in_channels
-        for i, (out, dilation) in enumerate(zip(channels, dilations)):
+        for i, (out, dilation) in enumerate(zip(channels, dilations, strict=True)):
             layers.append(_conv(width, out, dilation=dilation))
             if i < len(channels) - 1:
                 layers.append(nn.LeakyReLU(slope))
@@ -168,7 +168,7 @@ class RRN(nn.Module):
             raise ValueError(f"flow_levels must be distinct pyramid levels from coarse to fine, got {flow_levels}.")
         if flow_levels[0] >= len(pyramid_channels) or flow_levels[-1] < 0:
             raise ValueError(f"flow_levels {flow_levels} must lie in [0, {len(pyramid_channels) - 1}].")
-        if any(a - b != 1 for a, b in zip(flow_levels, flow_levels[1:])):
+        if any(a - b != 1 for a, b in zip(flow_levels[:-1], flow_levels[1:], strict=True)):
             raise ValueError(f"flow_levels must be consecutive (each finer level doubles the grid), got {flow_levels}.")
         self.flow_levels = flow_levels
         self.pyramid = FeaturePyramid(in_channels, pyramid_channels, pyramid_slope)
