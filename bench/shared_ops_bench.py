@@ -102,6 +102,12 @@ def worker(op: str, case: str, mode: str, what: str, device: torch.device, repea
     return {what: peak_memory_mb(lambda: fn(backward), device)}
 
 
+def _in_worker(args: argparse.Namespace, op: str, case: str, mode: str, what: str) -> dict:
+    """Run one measurement (``"time"`` for all variants, or one variant's peak memory) in a fresh process."""
+    flags = ["--device", args.device, "--repeats", str(args.repeats)]
+    return run_worker("bench.shared_ops_bench", [*flags, "--worker", op, case, mode, what])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,14 +123,11 @@ def main() -> None:
     for op, cases in CASES.items():
         for case in cases:
             for mode in MODES:
-                common = ["--device", args.device, "--repeats", str(args.repeats), "--worker", op, case, mode]
-                times = run_worker("bench.shared_ops_bench", [*common[:-4], "--worker", op, case, mode, "time"])
+                times = _in_worker(args, op, case, mode, "time")
                 names = list(times)
                 memory = {}
                 for name in names:
-                    memory.update(
-                        run_worker("bench.shared_ops_bench", [*common[:-4], "--worker", op, case, mode, name])
-                    )
+                    memory.update(_in_worker(args, op, case, mode, name))
                 row = {"op": op, "case": case, "mode": mode}
                 for name in names:
                     row[f"{name}_s"] = times[name]

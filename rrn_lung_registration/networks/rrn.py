@@ -172,7 +172,6 @@ class RRN(nn.Module):
             raise ValueError(f"flow_levels must be consecutive (each finer level doubles the grid), got {flow_levels}.")
         self.flow_levels = flow_levels
         self.pyramid = FeaturePyramid(in_channels, pyramid_channels, pyramid_slope)
-        self.use_cost_volume = use_cost_volume
         self.correlation = LocalCostCorrelation3d(radius, normalize) if use_cost_volume else None
         self.cost_activation = nn.LeakyReLU(cost_slope)
         self.feature_warp = Warp(mode="bilinear", padding_mode="zeros")
