@@ -26,8 +26,12 @@ from shared_ops.roi_align import roi_align
 
 CORRELATION_CASES = {"64^3x32": (64, 32), "32^3x64": (32, 64), "16^3x96": (16, 96)}
 ROI_CASES = {
-    "64 boxes, (8,512,16,16)": dict(shape=(8, 512, 16, 16), boxes=64, size=(48, 48), out=3, scale=1 / 16),
-    "512 boxes, (8,256,64,64)": dict(shape=(8, 256, 64, 64), boxes=512, size=(16, 128), out=7, scale=1 / 4),
+    # the RoI discriminator: whole-pixel 48 px cell boxes from the box library
+    "64 boxes, (8,512,16,16)": dict(shape=(8, 512, 16, 16), boxes=64, size=(48, 48), out=3, scale=1 / 16, whole=True),
+    # detection-style boxes at arbitrary sub-pixel positions
+    "512 boxes, (8,256,64,64)": dict(
+        shape=(8, 256, 64, 64), boxes=512, size=(16, 128), out=7, scale=1 / 4, whole=False
+    ),
 }
 MODES = ("forward", "forward+backward")
 TARGETS = {"correlation": dict(speedup=3.0, memory_ratio=0.5), "roi_align": dict(speedup=10.0)}
@@ -63,6 +67,8 @@ def _roi_variants(case: str, device: torch.device) -> dict[str, Callable[[bool],
     lo, hi = spec["size"]
     sizes = lo + (hi - lo) * torch.rand(spec["boxes"], 2, generator=gen)
     corner = (image - sizes) * torch.rand(spec["boxes"], 2, generator=gen)
+    if spec["whole"]:
+        corner = corner.floor()
     index = torch.randint(0, n, (spec["boxes"], 1), generator=gen).float()
     rois = torch.cat([index, corner, corner + sizes], dim=1).to(device)
     args = (spec["out"], spec["out"]), spec["scale"], -1, False

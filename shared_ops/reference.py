@@ -76,14 +76,19 @@ def roi_align_loop(
     height, width = input.shape[-2:]
     offset = 0.5 if aligned else 0.0
     outputs = []
-    for b, x1, y1, x2, y2 in rois.tolist():
+
+    def rounded(value: float) -> float:  # torchvision keeps box geometry in the input's dtype
+        return float(torch.tensor(value, dtype=input.dtype))
+
+    for b, x1, y1, x2, y2 in rois.double().tolist():
         feature = input[int(b)]
-        start_w, start_h = x1 * spatial_scale - offset, y1 * spatial_scale - offset
-        roi_w, roi_h = x2 * spatial_scale - offset - start_w, y2 * spatial_scale - offset - start_h
+        start_w, start_h = rounded(x1 * spatial_scale - offset), rounded(y1 * spatial_scale - offset)
+        roi_w = rounded(rounded(x2 * spatial_scale - offset) - start_w)
+        roi_h = rounded(rounded(y2 * spatial_scale - offset) - start_h)
         if not aligned:
             roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled_w)
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(rounded(roi_h / pooled_h))
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(rounded(roi_w / pooled_w))
         if grid_h <= 0 or grid_w <= 0:
             outputs.append(input.new_zeros(input.shape[1], pooled_h, pooled_w))
             continue

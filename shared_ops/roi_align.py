@@ -30,8 +30,10 @@ __all__ = ["RoIAlign", "roi_align"]
 
 BoxesLike = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 
-# Upper bound on the intermediate product of one group of images (bytes); bounds peak memory for large maps.
-_INTERMEDIATE_BYTES = 64 << 20
+# Size of the intermediate product of one chunk of channels (bytes).
+_INTERMEDIATE_BYTES = 32 << 20
+# Relative cost of one gathered value against one value of the dense products (tests set it to 0 or inf).
+_GATHER_COST = 1.0
 
 
 def roi_align(
@@ -69,43 +71,35 @@ def roi_align(
         return input.new_zeros(0, channels, pooled_h, pooled_w)
 
     with torch.no_grad():
-        rois = rois.to(torch.float64)  # box geometry in double: sample positions match the C++ kernel
+        rois = rois.to(torch.float64)
         offset = 0.5 if aligned else 0.0
-        starts = rois[:, 1:3] * spatial_scale - offset  # (K, 2) as (x, y)
-        sizes = rois[:, 3:5] * spatial_scale - offset - starts
+        # Box corners, sizes and bin sizes are rounded to the input's dtype, as torchvision's kernel has
+        # them: the number of samples per bin is a ceil of that value. Sample positions are then in double.
+        starts = (rois[:, 1:3] * spatial_scale - offset).to(input.dtype)  # (K, 2) as (x, y)
+        sizes = (rois[:, 3:5] * spatial_scale - offset).to(input.dtype) - starts
         if not aligned:
             sizes = sizes.clamp(min=1.0)
-        a_x, count_x = _interpolation_matrix(starts[:, 0], sizes[:, 0], pooled_w, sampling_ratio, width)
-        a_y, count_y = _interpolation_matrix(starts[:, 1], sizes[:, 1], pooled_h, sampling_ratio, height)
-        a_y = a_y / (count_y * count_x).clamp(min=1.0)[:, None, None]  # average over the bin's samples
-        a_x, a_y = a_x.to(input.dtype), a_y.to(input.dtype)
+        if (pooled_w, width) == (pooled_h, height):  # square case: both axes in one call
+            index, weight, grid = _axis_taps(starts.T.flatten(), sizes.T.flatten(), pooled_w, sampling_ratio, width)
+            (x_index, y_index), (x_weight, y_weight), (grid_x, grid_y) = index.chunk(2), weight.chunk(2), grid.chunk(2)
+        else:
+            x_index, x_weight, grid_x = _axis_taps(starts[:, 0], sizes[:, 0], pooled_w, sampling_ratio, width)
+            y_index, y_weight, grid_y = _axis_taps(starts[:, 1], sizes[:, 1], pooled_h, sampling_ratio, height)
+        count = (grid_y * grid_x).clamp(min=1.0)  # samples averaged in each bin
         batch_index = rois[:, 0].long()
 
-    # out[k] = A_y[k] @ input[b_k] @ A_x[k]^T for every channel. Boxes are grouped by image into
-    # slots (N, S) with S = most boxes on one image, so that each axis is one batched product per group of images.
-    counts = torch.bincount(batch_index, minlength=num_images)
-    slots_per_image = int(counts.max())
-    order = torch.argsort(batch_index, stable=True)
-    first_of_image = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order), device=order.device) - first_of_image[batch_index[order]]
-    slot = torch.empty_like(order)
-    slot[order] = batch_index[order] * slots_per_image + rank  # slot of box k
-
-    a_y_slots = a_y.new_zeros(num_images * slots_per_image, pooled_h, height).index_copy_(0, slot, a_y)
-    a_x_slots = a_x.new_zeros(num_images * slots_per_image, pooled_w, width).index_copy_(0, slot, a_x)
-    a_y_slots = a_y_slots.view(num_images, slots_per_image * pooled_h, height)
-    a_x_slots = a_x_slots.view(num_images, slots_per_image, pooled_w, width)
-    # Images go in groups whose intermediate (slots * PH, C * W) products stay within _INTERMEDIATE_BYTES.
-    per_image = slots_per_image * pooled_h * channels * width * input.element_size()
-    group = max(1, _INTERMEDIATE_BYTES // max(per_image, 1))
-    pooled = []
-    for n0 in range(0, num_images, group):
-        n1 = min(num_images, n0 + group)
-        feature = input[n0:n1].transpose(1, 2).reshape(n1 - n0, height, channels * width)  # (n, H, C * W)
-        rows = torch.bmm(a_y_slots[n0:n1], feature).view(-1, pooled_h * channels, width)
-        pooled.append(torch.bmm(rows, a_x_slots[n0:n1].flatten(0, 1).transpose(1, 2)))  # (n * S, PH * C, PW)
-    pooled = torch.cat(pooled)[slot]  # (K, PH * C, PW)
-    return pooled.view(-1, pooled_h, channels, pooled_w).transpose(1, 2)
+        # Two ways to the same numbers: read every tap (cheap when boxes hold few samples), or two dense
+        # interpolation products (cheap when they hold many). Pick the one that touches fewer values.
+        taps = rois.shape[0] * pooled_h * pooled_w * y_index[0, 0].numel() * x_index[0, 0].numel() * channels
+        slots = num_images * int(torch.bincount(batch_index, minlength=num_images).max())
+        dense = slots * pooled_h * channels * width + input.numel()
+        use_gather = taps * _GATHER_COST <= dense
+        if not use_gather:
+            a_y = (_interpolation_matrix(y_index, y_weight, height) / count[:, None, None]).to(input.dtype)
+            a_x = _interpolation_matrix(x_index, x_weight, width).to(input.dtype)
+    if use_gather:
+        return _pool_by_gather(input, batch_index, (y_index, y_weight), (x_index, x_weight), count)
+    return _pool_by_products(input, batch_index, a_y, a_x)
 
 
 class RoIAlign(nn.Module):
@@ -134,31 +128,34 @@ class RoIAlign(nn.Module):
         )
 
 
-def _interpolation_matrix(
+def _axis_taps(
     start: torch.Tensor, size: torch.Tensor, bins: int, sampling_ratio: int, length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-box matrix summing the bilinear weights of every sample of each bin along one axis.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear taps of every sample of each bin along one axis.
 
     Args:
-        start, size: ``(K,)`` box start and extent along the axis, feature-map coordinates.
+        start, size: ``(K,)`` box start and extent along the axis, feature-map coordinates, in the input's
+            dtype (the sample count per bin is computed in it).
         bins: number of output bins along the axis.
         sampling_ratio: samples per bin, or ``<= 0`` for ``ceil(size / bins)``.
         length: feature-map size along the axis.
 
     Returns:
-        ``(K, bins, length)`` summed weights and ``(K,)`` samples per bin (0 for an empty box).
+        ``index`` (K, bins, G, 2) long and ``weight`` (K, bins, G, 2): the lower and upper neighbour of each
+        of the G sample slots (G = the largest grid among the boxes; slots beyond a box's own grid and
+        samples outside ``[-1, length]`` weigh zero), and ``(K,)`` samples per bin (0 for an empty box).
     """
     bin_size = size / bins
     if sampling_ratio > 0:
         grid = torch.full_like(size, sampling_ratio, dtype=torch.long)
     else:
         grid = torch.ceil(bin_size).long().clamp(min=0)
+    start, size, bin_size = start.double(), size.double(), bin_size.double()
     max_grid = max(int(grid.max()), 1)
     sample = torch.arange(max_grid, device=size.device, dtype=size.dtype)
     b = torch.arange(bins, device=size.device, dtype=size.dtype)
     grid_f = grid.clamp(min=1).to(size.dtype)
-    # Sample positions (K, bins, max_grid); samples beyond a box's own grid are masked out.
-    pos = (
+    pos = (  # (K, bins, max_grid)
         start[:, None, None]
         + b[None, :, None] * bin_size[:, None, None]
         + (sample[None, None, :] + 0.5) * (bin_size / grid_f)[:, None, None]
@@ -172,11 +169,71 @@ def _interpolation_matrix(
     high = torch.where(at_end, low, low + 1)
     frac = torch.where(at_end, torch.zeros_like(pos), pos - low.to(pos.dtype))
     keep = (used & inside).to(pos.dtype)
+    index = torch.stack([low, high], dim=-1)
+    weight = torch.stack([(1 - frac) * keep, frac * keep], dim=-1)
+    return index, weight, grid.clamp(min=0).to(size.dtype)
 
-    weights = pos.new_zeros(start.shape[0], bins, length)
-    weights.scatter_add_(2, low, (1 - frac) * keep)
-    weights.scatter_add_(2, high, frac * keep)
-    return weights, grid.clamp(min=0).to(size.dtype)
+
+def _interpolation_matrix(index: torch.Tensor, weight: torch.Tensor, length: int) -> torch.Tensor:
+    """Taps (K, bins, G, 2) of one axis summed into a (K, bins, length) matrix."""
+    matrix = weight.new_zeros(*index.shape[:2], length)
+    return matrix.scatter_add_(2, index.flatten(2), weight.flatten(2))
+
+
+def _pool_by_products(
+    input: torch.Tensor, batch_index: torch.Tensor, a_y: torch.Tensor, a_x: torch.Tensor
+) -> torch.Tensor:
+    """``out[k] = A_y[k] @ input[b_k] @ A_x[k]^T`` per channel; A_y (K, PH, H), A_x (K, PW, W)."""
+    num_images, channels, height, width = input.shape
+    pooled_h, pooled_w = a_y.shape[1], a_x.shape[1]
+    # Boxes are grouped by image into slots (N, S), S = most boxes on one image, so that each axis is
+    # one batched product per chunk of channels.
+    counts = torch.bincount(batch_index, minlength=num_images)
+    slots_per_image = int(counts.max())
+    order = torch.argsort(batch_index, stable=True)
+    first_of_image = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order), device=order.device) - first_of_image[batch_index[order]]
+    slot = torch.empty_like(order)
+    slot[order] = batch_index[order] * slots_per_image + rank  # slot of box k
+
+    a_y_slots = a_y.new_zeros(num_images * slots_per_image, pooled_h, height).index_copy_(0, slot, a_y)
+    a_x_slots = a_x.new_zeros(num_images * slots_per_image, pooled_w, width).index_copy_(0, slot, a_x)
+    a_y_slots = a_y_slots.view(num_images, slots_per_image * pooled_h, height)
+    # Channels go in chunks whose intermediate (N * S * PH, chunk * W) product stays near cache size:
+    # this bounds peak memory and is about twice as fast as one product over all channels on large maps.
+    per_channel = num_images * slots_per_image * pooled_h * width * input.element_size()
+    chunk = max(1, _INTERMEDIATE_BYTES // max(per_channel, 1))
+    pooled = []
+    for c0 in range(0, channels, chunk):
+        c1 = min(channels, c0 + chunk)
+        feature = input[:, c0:c1].transpose(1, 2).reshape(num_images, height, (c1 - c0) * width)  # (N, H, c * W)
+        rows = torch.bmm(a_y_slots, feature).view(-1, pooled_h * (c1 - c0), width)  # (N * S, PH * c, W)
+        # A_x @ rows^T keeps the long PH * c axis as the output columns of the product.
+        pooled.append(torch.bmm(a_x_slots, rows.transpose(1, 2)).view(-1, pooled_w, pooled_h, c1 - c0))
+    pooled = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=3)
+    return pooled[slot].permute(0, 3, 2, 1).contiguous()  # (K, C, PH, PW)
+
+
+def _pool_by_gather(
+    input: torch.Tensor,
+    batch_index: torch.Tensor,
+    y_taps: tuple[torch.Tensor, torch.Tensor],
+    x_taps: tuple[torch.Tensor, torch.Tensor],
+    count: torch.Tensor,
+) -> torch.Tensor:
+    """Read every bilinear tap of every sample directly and average them per bin."""
+    num_images, channels, height, width = input.shape
+    (y_index, y_weight), (x_index, x_weight) = y_taps, x_taps
+    k, pooled_h, pooled_w = y_index.shape[0], y_index.shape[1], x_index.shape[1]
+    y_index, y_weight = y_index.view(k, pooled_h, -1, 1, 1), y_weight.view(k, pooled_h, -1, 1, 1)
+    x_index, x_weight = x_index.view(k, 1, 1, pooled_w, -1), x_weight.view(k, 1, 1, pooled_w, -1)
+    pixel = (batch_index.view(k, 1, 1, 1, 1) * height + y_index) * width + x_index  # (K, PH, Ty, PW, Tx)
+    weight = (y_weight * x_weight / count.view(k, 1, 1, 1, 1)).to(input.dtype)
+    pixel = pixel.transpose(2, 3).reshape(k, pooled_h, pooled_w, -1)  # (K, PH, PW, T)
+    weight = weight.transpose(2, 3).reshape(k, pooled_h, pooled_w, -1, 1)  # (K, PH, PW, T, 1)
+    pixels = input.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, channels)
+    values = pixels.index_select(0, pixel.flatten()).view(k, pooled_h, pooled_w, -1, channels)  # (K, PH, PW, T, C)
+    return (values * weight).sum(dim=3).permute(0, 3, 1, 2).contiguous()
 
 
 def _as_rois(boxes: BoxesLike, input: torch.Tensor) -> torch.Tensor:
@@ -211,10 +268,12 @@ def _as_rois(boxes: BoxesLike, input: torch.Tensor) -> torch.Tensor:
         return rois
     if not rois.is_floating_point():
         rois = rois.double()
-    if not torch.isfinite(rois).all():
-        raise ValueError("boxes: coordinates and batch indices must be finite.")
     index = rois[:, 0]
-    if (index != index.round()).any() or (index < 0).any() or (index >= num_images).any():
+    finite = torch.isfinite(rois).all(dim=1)
+    bad_index = (index != index.round()) | (index < 0) | (index >= num_images)
+    if bool((~finite | bad_index).any()):  # one check on the fast path; the details only on failure
+        if not bool(finite.all()):
+            raise ValueError("boxes: coordinates and batch indices must be finite.")
         raise ValueError(
             f"boxes: the batch index (column 0) must be an integer in [0, {num_images}), "
             f"got values in [{float(index.min())}, {float(index.max())}]."

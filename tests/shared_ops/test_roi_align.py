@@ -12,6 +12,15 @@ from shared_ops.roi_align import RoIAlign, roi_align
 from tests.conftest import require_data
 
 
+@pytest.fixture(params=["auto", "gather", "products"])
+def pooling_path(request, monkeypatch):
+    """Run a test with the automatic choice and with each of the two pooling paths forced."""
+    module = importlib.import_module("shared_ops.roi_align")  # the package re-exports a function of that name
+    cost = {"auto": module._GATHER_COST, "gather": 0.0, "products": float("inf")}[request.param]
+    monkeypatch.setattr(module, "_GATHER_COST", cost)
+    return request.param
+
+
 def _random_rois(num: int, images: int, extent: float, max_size: float, dtype=torch.float32) -> torch.Tensor:
     """Boxes scattered over [-extent/4, extent], some partly or wholly outside the image."""
     index = torch.randint(0, images, (num, 1)).to(dtype)
@@ -23,9 +32,10 @@ def _random_rois(num: int, images: int, extent: float, max_size: float, dtype=to
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2])
 @pytest.mark.parametrize("spatial_scale,output_size", [(1.0, (3, 3)), (0.25, (2, 4)), (1 / 16, 3)])
-def test_matches_per_box_loop(aligned, sampling_ratio, spatial_scale, output_size):
-    feature = torch.randn(3, 5, 13, 17)
-    extent = 17 / spatial_scale
+@pytest.mark.parametrize("map_size", [(13, 17), (16, 16)])  # a square map with a square output shares one matrix
+def test_matches_per_box_loop(aligned, sampling_ratio, spatial_scale, output_size, map_size, pooling_path):
+    feature = torch.randn(3, 5, *map_size)
+    extent = map_size[1] / spatial_scale
     rois = _random_rois(40, 3, extent, extent / 2)
     out = roi_align(feature, rois, output_size, spatial_scale, sampling_ratio, aligned)
     expected = roi_align_loop(
@@ -35,7 +45,7 @@ def test_matches_per_box_loop(aligned, sampling_ratio, spatial_scale, output_siz
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_box_on_pixel_grid_returns_the_pixels():
+def test_box_on_pixel_grid_returns_the_pixels(pooling_path):
     """aligned=True, one sample per bin and one bin per pixel: RoIAlign crops exactly."""
     feature = torch.randn(2, 3, 10, 12)
     rois = torch.tensor([[1, 2, 3, 7, 9], [0, 0, 0, 12, 10], [1, 5, 1, 6, 2]], dtype=torch.float32)
@@ -66,7 +76,7 @@ def test_list_of_boxes_equals_indexed_rows():
     torch.testing.assert_close(roi_align(feature, tuple(per_image), 3), roi_align(feature, rows, 3))
 
 
-def test_output_follows_input_box_order_across_images():
+def test_output_follows_input_box_order_across_images(pooling_path):
     feature = torch.randn(3, 2, 8, 8)
     rois = torch.tensor([[2, 0, 0, 4, 4], [0, 1, 1, 5, 5], [2, 2, 2, 6, 6], [1, 0, 0, 8, 8]], dtype=torch.float32)
     out = roi_align(feature, rois, 2)
@@ -74,7 +84,7 @@ def test_output_follows_input_box_order_across_images():
         torch.testing.assert_close(out[k : k + 1], roi_align(feature, rois[k : k + 1], 2))
 
 
-def test_boxes_outside_the_feature_map():
+def test_boxes_outside_the_feature_map(pooling_path):
     feature = torch.randn(1, 3, 8, 8) + 10
     far = torch.tensor([[0, 30.0, 30.0, 40.0, 40.0], [0, -20.0, -20.0, -10.0, -10.0]])
     assert torch.all(roi_align(feature, far, 2) == 0)
@@ -87,7 +97,7 @@ def test_boxes_outside_the_feature_map():
         assert torch.any(out == 0)  # bins wholly outside the map do not
 
 
-def test_empty_boxes():
+def test_empty_boxes(pooling_path):
     feature = torch.randn(2, 6, 8, 8, requires_grad=True)
     for boxes in (torch.zeros(0, 5), [torch.zeros(0, 4), torch.zeros(0, 4)], []):
         out = roi_align(feature, boxes, (3, 2))
@@ -98,14 +108,14 @@ def test_empty_boxes():
     torch.testing.assert_close(feature.grad, torch.ones_like(feature))
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(pooling_path):
     feature = torch.randn(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)
     rois = _random_rois(6, 2, 9.0, 6.0, dtype=torch.float64)
     for aligned in (False, True):
         assert torch.autograd.gradcheck(lambda x, a=aligned: roi_align(x, rois, (2, 3), 0.9, -1, a), (feature,))
 
 
-def test_gradient_matches_per_box_loop():
+def test_gradient_matches_per_box_loop(pooling_path):
     feature = torch.randn(2, 4, 12, 12, requires_grad=True)
     reference = feature.detach().clone().requires_grad_()
     rois = _random_rois(20, 2, 12.0, 8.0)
@@ -166,12 +176,12 @@ def test_matches_torchvision_where_available():
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_image_groups_give_the_same_result(monkeypatch):
-    """Large maps are processed a few images at a time; the grouping must not change the result."""
+def test_channel_chunks_give_the_same_result(monkeypatch):
+    """Large maps are processed a few channels at a time; the chunking must not change the result."""
     module = importlib.import_module("shared_ops.roi_align")  # the package re-exports a function of that name
     feature = torch.randn(4, 3, 12, 12, requires_grad=True)
     rois = _random_rois(30, 4, 12.0, 8.0)
     whole = roi_align(feature, rois, 3)
-    monkeypatch.setattr(module, "_INTERMEDIATE_BYTES", 1)  # one image per group
+    monkeypatch.setattr(module, "_INTERMEDIATE_BYTES", 1)  # one channel per chunk
     torch.testing.assert_close(roi_align(feature, rois, 3), whole)
     torch.testing.assert_close(roi_align(feature, rois, 3), roi_align_loop(feature, rois, (3, 3)))
