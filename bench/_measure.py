@@ -9,6 +9,7 @@ allocator's own peak counter is used. Each measured variant still runs in its ow
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -50,16 +51,25 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2**20
 
 
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median wall time of each function; the functions are called in turn, side by side, ``repeats`` times."""
+def median_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, min_seconds: float = 2.0
+) -> dict[str, float]:
+    """Median wall time of each function, the functions called in turn, side by side.
+
+    Each round calls every function once; rounds go on until there are at least ``repeats`` of them and
+    the slowest function has run for ``min_seconds`` in total (at most 200 rounds), so that fast
+    functions get enough samples for a stable median on a noisy machine.
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    rounds = 0
+    while rounds < repeats or (max(sum(v) for v in times.values()) < min_seconds and rounds < 200):
         for name, fn in fns.items():
             synchronize(device)
             start = time.perf_counter()
             fn()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+        rounds += 1
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -77,9 +87,20 @@ def device_description(device: torch.device) -> str:
     return f"CPU {cpu}, {torch.get_num_threads()} threads"
 
 
-def run_worker(module: str, args: list[str]) -> dict:
-    """Run ``python -m module args`` in a fresh process and parse the JSON object it prints last."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False)
+# glibc settings that keep freed memory in the process: repeated large allocations then reuse pages
+# instead of faulting fresh ones in, as in a long-running job whose allocation pattern has settled.
+WARM_ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def run_worker(module: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``python -m module args`` in a fresh process (extra ``env``) and parse the JSON it prints last."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {module} {args} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
