@@ -38,24 +38,26 @@ the same body and motion pattern at every resolution and amplitude, and the spac
 Files (:func:`save_pair`): nibabel arrays are ``(i, j, k)``; the ``(D, H, W)`` arrays are written transposed
 to ``(W, H, D)`` (``i = x``, ``j = y``, ``k = z``) with a RAS affine built from spacing, origin and direction
 (axis codes ``('L', 'P', 'S')`` for the identity direction), so viewers show the anatomy the right way up;
-:func:`load_nifti_volume` undoes the transpose. Landmark CSV files hold physical coordinates in mm, columns
-``z_mm, y_mm, x_mm`` (array axis order, LPS frame). ``ddf.npy`` keeps the array convention above.
+:func:`load_nifti_volume` undoes the transpose. Landmark CSV files are those of
+:mod:`rrn_lung_registration.landmarks`: world LPS mm, header
+``x,y,z`` (the reverse of the array axis order). ``ddf.npy`` keeps the array convention above.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from rrn_lung_registration import landmarks as landmarks_io
+from rrn_lung_registration.io_utils import atomic_write
 
 __all__ = [
     "PhantomPair",
@@ -65,7 +67,6 @@ __all__ = [
     "make_dataset",
     "nifti_affine",
     "physical_to_voxel",
-    "read_landmarks_csv",
     "sample_field",
     "save_pair",
     "target_registration_error",
@@ -980,28 +981,13 @@ def nifti_affine(
     return affine
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(temporary_path)`` on a temporary file next to ``path`` (same suffix), then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name.split('.')[0]}-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
     """Write a ``(D, H, W)`` volume as NIfTI ``(W, H, D)`` with ``affine`` (sform and qform, mm units)."""
     image = nib.Nifti1Image(np.ascontiguousarray(np.transpose(volume, (2, 1, 0))), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
-    _atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
+    atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
 
 
 def load_nifti_volume(path: str | os.PathLike) -> tuple[np.ndarray, Vec3]:
@@ -1041,23 +1027,10 @@ def write_landmarks_csv(
     origin: Sequence[float] = (0.0, 0.0, 0.0),
     direction: Sequence[Sequence[float]] = IDENTITY,
 ) -> None:
-    """Write voxel landmarks ``(N, 3)`` as physical mm, header ``z_mm,y_mm,x_mm`` (atomic)."""
+    """Write voxel landmarks ``(N, 3)`` (array axis order) as a world LPS mm CSV of
+    :mod:`rrn_lung_registration.landmarks` (header ``x,y,z``, atomic)."""
     points = voxel_to_physical(landmarks, spacing, origin, direction)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["z_mm", "y_mm", "x_mm"])
-            writer.writerows([[f"{v:.6f}" for v in row] for row in points])
-
-    _atomic_write(Path(path), write)
-
-
-def read_landmarks_csv(path: str | os.PathLike) -> np.ndarray:
-    """Read a landmark CSV of :func:`write_landmarks_csv`: physical mm ``(N, 3)`` float64."""
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))[1:]
-    return np.array([[float(v) for v in row] for row in rows], dtype=np.float64).reshape(-1, 3)
+    landmarks_io.write_landmarks_csv(path, points[:, ::-1])
 
 
 def save_pair(pair: PhantomPair, folder: str | os.PathLike) -> dict[str, Path]:
@@ -1083,12 +1056,17 @@ def save_pair(pair: PhantomPair, folder: str | os.PathLike) -> dict[str, Path]:
     _save_nifti(paths["moving_lung_mask"], pair.moving_lung_mask.astype(np.uint8), affine)
     for name in ("fixed_landmarks", "moving_landmarks"):
         write_landmarks_csv(paths[name], getattr(pair, name), pair.spacing, pair.origin, pair.direction)
-    _atomic_write(paths["ddf"], lambda tmp: np.save(tmp, pair.ddf.astype(np.float32)))
+    atomic_write(paths["ddf"], lambda tmp: np.save(tmp, pair.ddf.astype(np.float32)))
     return paths
 
 
 def make_dataset(
-    folder: str | os.PathLike, n_pairs: int, shape: Sequence[int] = (64, 64, 64), seed: int = 0, **pair_kwargs
+    folder: str | os.PathLike,
+    n_pairs: int,
+    shape: Sequence[int] = (64, 64, 64),
+    seed: int = 0,
+    n_validation: int = 0,
+    **pair_kwargs,
 ) -> Path:
     """Write ``n_pairs`` phantom pairs under ``folder/pair_XXX/`` and a datalist ``folder/datalist.json``.
 
@@ -1096,11 +1074,15 @@ def make_dataset(
     ``pair_kwargs`` go to :func:`make_breathing_pair`.
 
     Returns:
-        Path of ``datalist.json``: a list of ``{"fixed", "moving", "fixed_landmarks", "moving_landmarks",
-        "fixed_lung_mask", "moving_lung_mask", "ddf"}`` paths relative to ``folder``.
+        Path of ``datalist.json``: ``{"training": [...], "validation": [...]}`` (the last ``n_validation``
+        pairs validate), each pair a dict of paths relative to ``folder`` with the keys ``fixed, moving,
+        fixed_landmarks, moving_landmarks, fixed_lung_mask, moving_lung_mask, ddf``.
     """
     _check_int("n_pairs", n_pairs, 1)
     _check_int("seed", seed, 0)
+    _check_int("n_validation", n_validation, 0)
+    if n_validation >= n_pairs:
+        raise ValueError(f"n_validation ({n_validation}) must leave at least one training pair of {n_pairs}.")
     _validate_shape(shape)
     folder = Path(folder)
     entries = []
@@ -1108,6 +1090,8 @@ def make_dataset(
         pair = make_breathing_pair(shape, seed=int(child.generate_state(1)[0]), **pair_kwargs)
         paths = save_pair(pair, folder / f"pair_{i:03d}")
         entries.append({name: path.relative_to(folder).as_posix() for name, path in paths.items()})
+    split = len(entries) - int(n_validation)
     datalist = folder / "datalist.json"
-    _atomic_write(datalist, lambda tmp: tmp.write_text(json.dumps(entries, indent=2) + "\n"))
+    content = {"training": entries[:split], "validation": entries[split:]}
+    atomic_write(datalist, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
     return datalist

@@ -12,6 +12,7 @@ from monai.networks.blocks import Warp
 from scipy import ndimage
 
 from rrn_lung_registration import phantom
+from rrn_lung_registration.landmarks import read_landmarks_csv, world_to_voxel
 from rrn_lung_registration.phantom import (
     PhantomPair,
     jacobian_determinant,
@@ -19,7 +20,6 @@ from rrn_lung_registration.phantom import (
     make_breathing_pair,
     make_dataset,
     physical_to_voxel,
-    read_landmarks_csv,
     sample_field,
     target_registration_error,
 )
@@ -189,16 +189,19 @@ def test_nifti_and_csv_round_trip(pair, tmp_path):
     mask, _ = load_nifti_volume(paths["moving_lung_mask"])
     np.testing.assert_array_equal(mask.astype(bool), pair.moving_lung_mask)
     for name in ("fixed_landmarks", "moving_landmarks"):
-        mm = read_landmarks_csv(paths[name])
-        np.testing.assert_allclose(mm, getattr(pair, name) * np.array(pair.spacing), atol=1e-5)
-        np.testing.assert_allclose(physical_to_voxel(mm, pair.spacing), getattr(pair, name), atol=1e-5)
+        lps = read_landmarks_csv(paths[name])  # world LPS (x, y, z) = array order (z, y, x) reversed
+        np.testing.assert_allclose(lps[:, ::-1], getattr(pair, name) * np.array(pair.spacing), atol=1e-5)
+        np.testing.assert_allclose(physical_to_voxel(lps[:, ::-1], pair.spacing), getattr(pair, name), atol=1e-5)
+        # the NIfTI affine places the landmarks on the same voxels, (i, j, k) = (x, y, z) = array index reversed
+        np.testing.assert_allclose(world_to_voxel(lps, raw.affine), getattr(pair, name)[:, ::-1], atol=1e-5)
     np.testing.assert_array_equal(np.load(paths["ddf"]), pair.ddf)
 
 
 def test_make_dataset_writes_a_datalist(tmp_path):
-    datalist = make_dataset(tmp_path / "data", n_pairs=2, shape=(20, 24, 22), seed=4, n_landmarks=10)
-    entries = json.loads(datalist.read_text())
-    assert len(entries) == 2
+    datalist = make_dataset(tmp_path / "data", n_pairs=3, shape=(20, 24, 22), seed=4, n_validation=1, n_landmarks=10)
+    sections = json.loads(datalist.read_text())
+    assert [len(sections["training"]), len(sections["validation"])] == [2, 1]
+    entries = sections["training"]
     for entry in entries:
         assert {"fixed", "moving", "fixed_landmarks", "moving_landmarks"} <= set(entry)
         for relative in entry.values():
@@ -233,6 +236,8 @@ def test_bad_arguments_raise(kwargs):
 def test_bad_dataset_arguments_raise(tmp_path):
     with pytest.raises(ValueError, match="n_pairs"):
         make_dataset(tmp_path, n_pairs=0)
+    with pytest.raises(ValueError, match="n_validation"):
+        make_dataset(tmp_path, n_pairs=2, n_validation=2)
 
 
 def test_vessel_blocks_match_brute_force():

@@ -1,0 +1,44 @@
+"""MONAI's VoxelMorph behind the RRN interface, the baseline of the paper's comparison."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import VoxelMorph
+from torch import nn
+
+__all__ = ["VoxelMorphBaseline"]
+
+
+class VoxelMorphBaseline(nn.Module):
+    """``forward(moving, fixed) -> ddf`` (B, 3, D, H, W) in voxels from :class:`monai.networks.nets.VoxelMorph`.
+
+    Inputs of any size are padded at the far end of each axis (edge values) to a multiple of
+    ``size_multiple`` (the U-Net's downsampling factor) and the field is cropped back. With the defaults
+    (MONAI's VoxelMorph U-Net, 7 scaling-and-squaring steps) the network has 244,323 parameters.
+
+    Args:
+        integration_steps: scaling-and-squaring steps turning the predicted velocity into a displacement
+            (0: the U-Net output is the displacement itself).
+        half_res: integrate at half resolution, as VoxelMorph's option of the same name.
+        size_multiple: padding multiple of the input size.
+    """
+
+    def __init__(self, integration_steps: int = 7, half_res: bool = False, size_multiple: int = 8) -> None:
+        super().__init__()
+        self.net = VoxelMorph(integration_steps=integration_steps, half_res=half_res)
+        self.size_multiple = 2 * size_multiple if half_res else size_multiple
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        if moving.ndim != 5 or moving.shape != fixed.shape or moving.shape[1] != 1:
+            raise ValueError(
+                "VoxelMorphBaseline expects moving and fixed of the same shape (B, 1, D, H, W), got "
+                f"{tuple(moving.shape)} and {tuple(fixed.shape)}."
+            )
+        shape = fixed.shape[2:]
+        pad = [(-size) % self.size_multiple for size in shape]
+        if any(pad):
+            padding = [0, pad[2], 0, pad[1], 0, pad[0]]
+            moving, fixed = F.pad(moving, padding, mode="replicate"), F.pad(fixed, padding, mode="replicate")
+        _, ddf = self.net(moving, fixed)
+        return ddf[..., : shape[0], : shape[1], : shape[2]]
