@@ -1,4 +1,4 @@
-"""Finding the checkpoint a run resumes from, and loading network weights safely."""
+"""Checkpoints: written atomically, found again when a run resumes, loaded safely."""
 
 from __future__ import annotations
 
@@ -7,18 +7,34 @@ import re
 from pathlib import Path
 
 import torch
+from monai.handlers import CheckpointSaver
 from torch import nn
 
-__all__ = ["latest_checkpoint", "load_network_weights"]
+__all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "load_network_weights"]
 
 _STEP = re.compile(r"=(\d+)\.pt$")
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` with every file written to a temporary file first and then renamed.
+
+    MONAI's saver writes in place, so a run killed while saving leaves a truncated checkpoint that the
+    next run would try to resume from. Here a checkpoint file is either complete or absent (ignite's
+    atomic saving: the files are then readable by their owner only). Arguments as ``CheckpointSaver``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler._atomic = True
 
 
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
     """Path of the most advanced ``{prefix}_*=N.pt`` file in ``directory`` (largest N), or ``None``.
 
     MONAI's ``CheckpointSaver`` names its interval checkpoints ``checkpoint_epoch=N.pt`` or
-    ``checkpoint_iteration=N.pt``; files are written atomically, so any file found is complete.
+    ``checkpoint_iteration=N.pt``; with :class:`AtomicCheckpointSaver` any file found is complete.
     """
     directory = Path(directory)
     if not directory.is_dir():

@@ -1,0 +1,199 @@
+"""The RRN bundle through ``python -m monai.bundle``: training, resume, inference, evaluation, torchrun.
+
+Every run uses the real configs with command-line overrides for a small grid and a narrow network, on
+phantom pairs written by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import verify_metadata
+
+from rrn_lung_registration.phantom import make_dataset
+from tests.conftest import REPO_ROOT
+
+BUNDLE = REPO_ROOT / "bundles" / "rrn_lung_registration"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO_ROOT / "bundles" / "schema" / "meta_schema_20240725.json"
+GRID = 32
+SMALL = [
+    "--image_size", f"[{GRID},{GRID},{GRID}]",
+    "--num_workers", "0",
+    "--network_def#pyramid_channels", "[8,8,16,16]",
+    "--network_def#estimator_channels", "[16,16,16,16,8]",
+    "--network_def#refiner_channels", "[16,16,16,16,16,8,3]",
+]  # fmt: skip
+TIMEOUT = 600
+
+
+def _config(*names: str) -> str:
+    files = [str(CONFIGS / f"{name}.json") for name in names]
+    return files[0] if len(files) == 1 else json.dumps(files)
+
+
+def _command(config: str, root: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", config,
+        "--meta_file", str(CONFIGS / "metadata.json"),
+        "--logging_file", str(CONFIGS / "logging.conf"),
+        "--bundle_root", str(root),
+        *SMALL, *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def bundle_root(tmp_path_factory) -> Path:
+    """A bundle root with phantom data (2 training pairs, 1 validation pair, which is also the test pair)."""
+    root = tmp_path_factory.mktemp("rrn_bundle")
+    datalist = make_dataset(root / "data", n_pairs=3, shape=(GRID, GRID, GRID), seed=11, n_validation=1)
+    content = json.loads(datalist.read_text())
+    content["test"] = content["validation"]
+    datalist.write_text(json.dumps(content, indent=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(bundle_root) -> subprocess.CompletedProcess:
+    return _run(_command(_config("train"), bundle_root, "--max_epochs", "2", "--save_interval", "1"), bundle_root)
+
+
+@pytest.mark.filterwarnings("ignore:No hash value provided")
+def test_metadata_validates_against_the_shipped_schema():
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+
+
+def test_bundle_folder_has_the_model_zoo_files():
+    for name in ("train", "inference", "evaluate", "multi_gpu_train", "metadata"):
+        json.loads((CONFIGS / f"{name}.json").read_text())
+    for name in ("configs/logging.conf", "docs/README.md", "LICENSE", "large_files.json"):
+        assert (BUNDLE / name).is_file(), name
+
+
+def test_training_saves_checkpoints_and_reports_tre(trained, bundle_root):
+    models = bundle_root / "models"
+    assert {"model.pt", "model_final.pt", "checkpoint_iteration=4.pt"} <= {p.name for p in models.iterdir()}
+    final = torch.load(models / "model_final.pt", weights_only=True)
+    assert set(final) == {"network", "optimizer", "trainer"} and final["trainer"]["iteration"] == 4
+    best = torch.load(models / "model.pt", weights_only=True)
+    assert set(best) == set(final["network"])
+    assert "val_mean_tre" in trained.stdout + trained.stderr
+
+
+def test_killed_training_resumes_where_it_stopped(bundle_root, tmp_path):
+    root = tmp_path / "resume"
+    root.mkdir()
+    (root / "data").symlink_to(bundle_root / "data")
+    command = _command(_config("train"), root, "--max_epochs", "4", "--save_interval", "1", "--val_interval", "10")
+    process = subprocess.Popen(command, cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = root / "models" / "checkpoint_iteration=3.pt"
+    deadline = time.monotonic() + TIMEOUT
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = sorted(root.glob("models/checkpoint_iteration=*.pt"))
+    assert saved and not (root / "models" / "model_final.pt").exists(), "the run was not interrupted mid-way"
+    stopped_at = torch.load(saved[-1], weights_only=True)["trainer"]["iteration"]
+    assert 3 <= stopped_at < 8
+
+    resumed = _run(command, root)
+    log = resumed.stdout + resumed.stderr
+    assert f"Restored all variables from {saved[-1]}" in log
+    first_saved = [int(line.rsplit(":", 1)[1]) for line in log.splitlines() if "Saved checkpoint at iteration" in line]
+    assert first_saved[0] == stopped_at + 1  # it went on from the next iteration, not from the start
+    final = torch.load(root / "models" / "model_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 8 and final["trainer"]["epoch_length"] == 2
+
+
+def test_inference_writes_outputs_on_the_fixed_grid(trained, bundle_root):
+    _run(_command(_config("inference"), bundle_root, "--output_dir", str(bundle_root / "infer")), bundle_root)
+    fixed = nib.load(bundle_root / "data" / "pair_002" / "fixed.nii.gz")
+    warped = nib.load(bundle_root / "infer" / "pair_002" / "fixed_warped.nii.gz")
+    ddf = nib.load(bundle_root / "infer" / "pair_002" / "fixed_ddf.nii.gz")
+    assert warped.shape == fixed.shape and np.allclose(warped.affine, fixed.affine, atol=1e-4)
+    assert ddf.shape == (GRID, GRID, GRID, 3)
+    assert np.isfinite(np.asarray(warped.dataobj)).all() and np.isfinite(np.asarray(ddf.dataobj)).all()
+
+
+def test_evaluate_writes_a_tre_report(trained, bundle_root):
+    out = bundle_root / "evaluation"
+    _run(_command(_config("train", "evaluate"), bundle_root, "--output_dir", str(out)), bundle_root)
+    summary = json.loads((out / "tre_summary.json").read_text())
+    rows = (out / "tre_per_pair.csv").read_text().splitlines()
+    assert summary["pairs"] == 1 and len(rows) == 2
+    pair = bundle_root / "data" / "pair_002"
+    fixed_points, moving_points = (
+        np.loadtxt(pair / f"{k}_landmarks.csv", delimiter=",", skiprows=1) for k in ("fixed", "moving")
+    )
+    world = np.linalg.norm(fixed_points - moving_points, axis=1).mean()
+    assert summary["before"]["mean_of_pair_means"] == pytest.approx(world, abs=1e-3)
+    assert np.isfinite(summary["after"]["landmarks"]["mean"])
+
+
+def _absolute_datalist(bundle_root: Path) -> dict:
+    content = json.loads((bundle_root / "data" / "datalist.json").read_text())
+    for section in content.values():
+        for pair in section:
+            pair.update({key: str(bundle_root / "data" / value) for key, value in pair.items()})
+    return content
+
+
+def _write_datalist(root: Path, content: dict) -> None:
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "datalist.json").write_text(json.dumps(content))
+
+
+def test_missing_file_in_the_datalist_is_named(bundle_root, tmp_path):
+    content = _absolute_datalist(bundle_root)
+    content["training"][0]["moving"] = str(tmp_path / "missing_moving.nii.gz")
+    root = tmp_path / "broken"
+    _write_datalist(root, content)
+    command = _command(_config("train"), root, "--max_epochs", "1")
+    result = subprocess.run(command, cwd=root, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode != 0
+    assert f"pair 0 ('moving'): file not found: {tmp_path / 'missing_moving.nii.gz'}" in result.stderr
+
+
+def test_distributed_training_with_gloo(bundle_root, tmp_path):
+    content = _absolute_datalist(bundle_root)
+    content["validation"] = content["validation"] + content["training"][:1]  # one validation pair per rank
+    root = tmp_path / "ddp"
+    _write_datalist(root, content)
+    command = _command(_config("train", "multi_gpu_train"), root, "--max_epochs", "1", "--save_interval", "1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        *command[1:],
+    ]
+    result = _run(command, root)
+    final = torch.load(root / "models" / "model_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 1  # two training pairs shared by two ranks: one iteration each
+    assert not any(key.startswith("module.") for key in final["network"])
+    assert "val_mean_tre" in result.stdout + result.stderr
