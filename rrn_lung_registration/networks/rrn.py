@@ -145,6 +145,10 @@ class RRN(nn.Module):
         estimator_channels: widths of the dense-block estimator layers; the last is the context width.
         refiner_channels, refiner_dilations: the dilated refinement network at the finest flow level.
         pyramid_slope, estimator_slope, cost_slope: LeakyReLU slopes (released code: 0.1, 0.05, 0.05).
+        field_init_std: standard deviation of the initial weights of every convolution that outputs a
+            field (biases start at zero), so that training starts near the identity transform, as
+            VoxelMorph does; PyTorch's default initialisation gives fields of many voxels that make early
+            training diverge.
     """
 
     def __init__(
@@ -161,6 +165,7 @@ class RRN(nn.Module):
         pyramid_slope: float = 0.1,
         estimator_slope: float = 0.05,
         cost_slope: float = 0.05,
+        field_init_std: float = 1e-5,
     ) -> None:
         super().__init__()
         flow_levels = tuple(int(level) for level in flow_levels)
@@ -191,6 +196,9 @@ class RRN(nn.Module):
         self.context_upsamplers = nn.ModuleDict(context_upsamplers)
         self.refiner = DilatedRefiner(context + 3, refiner_channels, refiner_dilations, estimator_slope)
         self.size_multiple = 2 ** len(pyramid_channels[: flow_levels[0] + 1])
+        for conv in [*(estimator.to_field for estimator in self.estimators.values()), self.refiner.net[-1]]:
+            nn.init.normal_(conv.weight, std=field_init_std)
+            nn.init.zeros_(conv.bias)
 
     def forward(
         self, moving: torch.Tensor, fixed: torch.Tensor, return_levels: bool = False
