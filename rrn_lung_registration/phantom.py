@@ -57,6 +57,7 @@ import numpy as np
 from scipy import ndimage
 
 from rrn_lung_registration import landmarks as landmarks_io
+from rrn_lung_registration.fields import jacobian_determinant
 from rrn_lung_registration.io_utils import atomic_write
 
 __all__ = [
@@ -660,20 +661,6 @@ def _determinant3(m: list[list[np.ndarray]]) -> np.ndarray:
         - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
     )
-
-
-def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
-    """``det(I + grad ddf)`` of a displacement ``(3, D, H, W)`` in voxels, by central differences.
-
-    Returns:
-        ``(D, H, W)`` float array; values <= 0 mean folding, < 1 local compression of the mapping.
-    """
-    ddf = np.asarray(ddf, dtype=np.float64)
-    if ddf.ndim != 4 or ddf.shape[0] != 3:
-        raise ValueError(f"ddf: expected shape (3, D, H, W), got {ddf.shape}")
-    grads = [np.gradient(ddf[i], axis=(0, 1, 2)) for i in range(3)]
-    jac = [[grads[i][j] + (1.0 if i == j else 0.0) for j in range(3)] for i in range(3)]
-    return _determinant3(jac)
 
 
 def _inverse_jacobian(x: np.ndarray, spacing: np.ndarray) -> np.ndarray:
