@@ -2,12 +2,11 @@
 
 Submodules: ``networks`` (RRN, VoxelMorph baseline), ``losses``, ``warp``, ``fields`` (Jacobian), ``data``
 (datalists and checks), ``landmarks`` (files, world/voxel conversion, TRE), ``engines`` (MONAI trainer /
-evaluator), ``metrics``, ``checkpoints``, ``overview`` (PNG) and ``phantom`` (synthetic breathing-lung pairs).
+evaluator), ``metrics``, ``overview`` (PNG) and ``phantom`` (synthetic breathing-lung pairs).
 Bundle configs import this package and reach everything as ``rrn_lung_registration.<submodule>.<name>``.
 """
 
 from rrn_lung_registration import (
-    checkpoints,
     data,
     engines,
     fields,
@@ -21,7 +20,6 @@ from rrn_lung_registration import (
 )
 
 __all__ = [
-    "checkpoints",
     "data",
     "engines",
     "fields",

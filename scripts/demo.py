@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from rrn_lung_registration.checkpoints import load_network_weights
 from rrn_lung_registration.data import load_datalist
 from rrn_lung_registration.overview import save_overview
 from rrn_lung_registration.phantom import make_dataset
 from rrn_lung_registration.warp import Warp3d
 from shared_ops import RoIAlign, correlation_displacements, local_cost_correlation_3d
+from shared_ops.checkpoints import load_network_weights
 
 OUTPUT = Path("demo_output")
 RRN_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "rrn_lung_registration"

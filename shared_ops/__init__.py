@@ -1,7 +1,10 @@
-"""Layers shared by both methods: 3-D local cost correlation and RoIAlign, in pure PyTorch.
+"""What both methods share: the 3-D local cost correlation and RoIAlign layers (pure PyTorch), and, in
+:mod:`shared_ops.checkpoints` (loaded on first use, it needs MONAI), atomic checkpointing for MONAI engines.
 
 This package imports nothing from the two method packages, and nothing from torchvision.
 """
+
+import importlib
 
 from shared_ops.correlation import (
     NORMALIZE_MODES,
@@ -21,3 +24,10 @@ __all__ = [
     "normalize_features",
     "roi_align",
 ]
+
+
+def __getattr__(name: str):
+    """``shared_ops.checkpoints`` on first use, so that importing the layers does not import MONAI."""
+    if name == "checkpoints":
+        return importlib.import_module("shared_ops.checkpoints")
+    raise AttributeError(f"module 'shared_ops' has no attribute {name!r}")

@@ -1,9 +1,16 @@
-"""Checkpoints: written atomically, found again when a run resumes, loaded safely."""
+"""Checkpoints for MONAI engines, shared by both bundles: written atomically, found again on resume,
+loaded safely.
+
+Not a layer, but something both methods need in the same form: a run killed at any moment must resume
+from a complete checkpoint.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -20,7 +27,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     MONAI's saver writes in place, so a run killed while saving leaves a truncated checkpoint that the
     next run would try to resume from. Here a checkpoint file is either complete or absent (ignite's
-    atomic saving: the files are then readable by their owner only). Arguments as ``CheckpointSaver``.
+    atomic saving; the files are then readable by their owner only). Arguments as ``CheckpointSaver``.
+
+    Keep ``n_saved >= 2`` for interval checkpoints: ignite deletes the oldest file *before* writing the
+    next one, so with ``n_saved=1`` a run killed during a save would leave no checkpoint at all.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -31,16 +41,24 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
-    """Path of the most advanced ``{prefix}_*=N.pt`` file in ``directory`` (largest N), or ``None``.
+    """Path of the complete ``{prefix}_*=N.pt`` file with the largest ``N`` in ``directory``, or ``None``.
 
-    MONAI's ``CheckpointSaver`` names its interval checkpoints ``checkpoint_epoch=N.pt`` or
-    ``checkpoint_iteration=N.pt``; with :class:`AtomicCheckpointSaver` any file found is complete.
+    ``CheckpointSaver`` names its interval checkpoints ``checkpoint_iteration=N.pt`` or
+    ``checkpoint_epoch=N.pt``. :class:`AtomicCheckpointSaver` never leaves a partial file; files written
+    otherwise count only when their zip directory (written last by ``torch.save``) is readable.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
     found = [(int(m.group(1)), p) for p in directory.glob(f"{prefix}_*.pt") if (m := _STEP.search(p.name))]
-    return str(max(found)[1]) if found else None
+    for _, path in sorted(found, reverse=True):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if archive.namelist():
+                    return str(path)
+        except (zipfile.BadZipFile, OSError):
+            warnings.warn(f"{path}: incomplete checkpoint skipped", stacklevel=2)
+    return None
 
 
 def load_network_weights(network: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
