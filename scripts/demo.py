@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -31,25 +32,24 @@ from shared_ops.checkpoints import load_network_weights
 
 OUTPUT = Path("demo_output")
 RRN_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "rrn_lung_registration"
-GRID = 64
 # A narrower RRN than the paper's (same architecture, fewer channels) so that the demo trains in minutes.
-RRN_OVERRIDES = [
-    "--image_size", f"[{GRID},{GRID},{GRID}]",
-    "--num_workers", "0",
-    "--learning_rate", "0.001",
-    "--network_def#pyramid_channels", "[8,16,16,16]",
-    "--network_def#estimator_channels", "[16,16,16,16,8]",
-    "--network_def#refiner_channels", "[16,16,16,16,16,8,3]",
-]  # fmt: skip
+NARROW_RRN = {
+    "pyramid_channels": [8, 16, 16, 16],
+    "estimator_channels": [16, 16, 16, 16, 8],
+    "refiner_channels": [16, 16, 16, 16, 16, 8, 3],
+}
+RRN_OVERRIDES = ["--num_workers", "0", "--learning_rate", "0.001"] + [
+    item for key, value in NARROW_RRN.items() for item in (f"--network_def#{key}", json.dumps(value))
+]
 
 
-def _bundle(configs: list[str], root: Path, *extra: str) -> None:
+def _bundle(configs: list[str], root: Path, grid: int, *extra: str) -> None:
     files = [str(RRN_BUNDLE / "configs" / f"{name}.json") for name in configs]
     command = [
         sys.executable, "-m", "monai.bundle", "run",
         "--config_file", files[0] if len(files) == 1 else json.dumps(files),
         "--logging_file", str(RRN_BUNDLE / "configs" / "logging.conf"),
-        "--bundle_root", str(root), *RRN_OVERRIDES, *extra,
+        "--bundle_root", str(root), "--image_size", f"[{grid},{grid},{grid}]", *RRN_OVERRIDES, *extra,
     ]  # fmt: skip
     print(f"  $ python -m monai.bundle run --config_file {'+'.join(configs)} ... ({' '.join(extra)})", flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
@@ -57,21 +57,21 @@ def _bundle(configs: list[str], root: Path, *extra: str) -> None:
         raise RuntimeError(f"bundle run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
-def registration_demo(epochs: int = 15) -> None:
+def registration_demo(grid: int, epochs: int) -> None:
     root = OUTPUT / "rrn"
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
-    datalist = make_dataset(root / "data", n_pairs=4, shape=(GRID, GRID, GRID), seed=2024, n_validation=1)
+    datalist = make_dataset(root / "data", n_pairs=4, shape=(grid, grid, grid), seed=2024, n_validation=1)
     sections = json.loads(datalist.read_text())
     sections["test"] = sections["validation"]
     datalist.write_text(json.dumps(sections, indent=2))
-    print(f"RRN registration: 4 phantom pairs at {GRID}^3 (3 train, 1 held out) in {time.perf_counter() - start:.0f} s")
+    print(f"RRN registration: 4 phantom pairs at {grid}^3 (3 train, 1 held out) in {time.perf_counter() - start:.0f} s")
 
     start = time.perf_counter()
-    _bundle(["train"], root, "--max_epochs", str(epochs), "--val_interval", str(epochs), "--save_interval", "15")
+    _bundle(["train"], root, grid, "--max_epochs", str(epochs), "--val_interval", str(epochs), "--save_interval", "15")
     print(f"  trained {3 * epochs} iterations in {time.perf_counter() - start:.0f} s")
-    _bundle(["train", "evaluate"], root)
-    _bundle(["inference"], root)
+    _bundle(["train", "evaluate"], root, grid)
+    _bundle(["inference"], root, grid)
     summary = json.loads((root / "eval" / "tre_summary.json").read_text())
     before, after = summary["before"]["mean_of_pair_means"], summary["after"]["mean_of_pair_means"]
     landmarks = summary["after"]["landmarks"]["count"]
@@ -79,18 +79,18 @@ def registration_demo(epochs: int = 15) -> None:
         f"  held-out pair TRE over {landmarks} landmarks: {before:.2f} mm before -> {after:.2f} mm after registration"
     )
     print(f"  outputs: {root / 'eval'} (warped image, field, tre_per_pair.csv, tre_summary.json)")
-    print(f"  overview: {_overview(root)}")
+    print(f"  overview: {_overview(root, grid)}")
 
 
-def _overview(root: Path) -> Path:
+def _overview(root: Path, grid: int) -> Path:
     """Register the held-out pair in process with the trained weights and draw the overview PNG."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(RRN_BUNDLE / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(root), "image_size": [GRID] * 3})
-    for key, value in zip(RRN_OVERRIDES[6::2], RRN_OVERRIDES[7::2], strict=True):
-        parser[key.lstrip("-")] = json.loads(value)
+    parser.update({"bundle_root": str(root), "image_size": [grid] * 3})
+    for key, value in NARROW_RRN.items():
+        parser[f"network_def#{key}"] = value
     network = load_network_weights(parser.get_parsed_content("network_def"), root / "models" / "model.pt").eval()
     item = parser.get_parsed_content("preprocessing")(load_datalist(root / "data" / "datalist.json", "test")[0])
     fixed, moving = item["fixed"].as_tensor()[None], item["moving"].as_tensor()[None]
@@ -137,8 +137,12 @@ def roi_align_demo() -> Path:
     return path
 
 
-def main() -> int:
-    registration_demo()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", type=int, default=64, help="phantom and network grid size (default 64)")
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs of 3 pairs (default 15)")
+    args = parser.parse_args(argv)
+    registration_demo(args.grid, args.epochs)
     correlation_demo()
     roi_align_demo()
     return 0

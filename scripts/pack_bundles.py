@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared_ops", "rrn_lung_registration", "roigan_stain_transfer")
 PACKAGE_DEPENDENCIES = {"rrn_lung_registration": ("shared_ops",), "roigan_stain_transfer": ("shared_ops",)}
 SKIP_PARTS = {"__pycache__", "models", "eval", "logs", ".pytest_cache"}
+SKIP_SUFFIXES = {".pyc", ".so", ".tmp"}
 
 
 def packages_used(bundle: Path) -> list[str]:
@@ -40,8 +41,8 @@ def pack(bundle: Path, out_dir: Path) -> Path:
             if path.is_file() and not SKIP_PARTS.intersection(rel.parts):
                 archive.write(path, f"{name}/{rel.as_posix()}")
         for package in packages_used(bundle):
-            for path in sorted((ROOT / package).rglob("*.py")):
-                if "__pycache__" not in path.parts:
+            for path in sorted((ROOT / package).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts and path.suffix not in SKIP_SUFFIXES:
                     archive.write(path, f"{name}/{path.relative_to(ROOT).as_posix()}")
     tmp.replace(target)
     return target
