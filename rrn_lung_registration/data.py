@@ -2,8 +2,8 @@
 
 A datalist is a JSON file holding either a list of pairs or sections of lists (``{"training": [...],
 "validation": [...], "test": [...]}``). Each pair is a dict with ``fixed`` and ``moving`` image paths and,
-optionally, ``fixed_landmarks`` and ``moving_landmarks`` CSV paths (world LPS mm, see
-:mod:`rrn_lung_registration.landmarks`) and any other keys. Relative paths are resolved against the
+optionally, ``fixed_landmarks`` and ``moving_landmarks`` paths (CSV in world LPS mm, DIR-Lab text or elastix
+point files, see :mod:`rrn_lung_registration.landmarks`) and any other keys. Relative paths are resolved against the
 datalist's folder (or ``base_dir``).
 """
 
@@ -19,7 +19,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from rrn_lung_registration.landmarks import read_landmarks_csv, world_to_voxel
+from rrn_lung_registration.landmarks import read_landmarks, world_to_voxel
 
 __all__ = ["IMAGE_KEYS", "LANDMARK_KEYS", "CheckSameShaped", "CheckVolumed", "LandmarksToVoxeld", "load_datalist"]
 
@@ -132,10 +132,11 @@ class CheckSameShaped(MapTransform):
 
 
 class LandmarksToVoxeld(MapTransform):
-    """Read landmark CSV files and express the points in voxels of their (preprocessed) images.
+    """Read landmark files and express the points in voxels of their (preprocessed) images.
 
     Run it after every spatial transform: the points are mapped with each image's final affine, so
-    cropping, resampling and reorientation are taken into account. ``keys[i]`` holds a CSV path and
+    cropping, resampling and reorientation are taken into account. Voxel formats (DIR-Lab, elastix
+    ``index``) are read against the image's original affine. ``keys[i]`` holds a landmark file path and
     ``image_keys[i]`` the image it belongs to; the result is a float32 tensor ``(N, 3)``. When several
     keys are given, the files must hold the same number of points.
     """
@@ -156,7 +157,8 @@ class LandmarksToVoxeld(MapTransform):
         counts = {}
         for key in self.key_iterator(d):
             source = str(d[key])
-            points = world_to_voxel(read_landmarks_csv(source), d[self.image_keys[key]].affine)
+            image = d[self.image_keys[key]]
+            points = world_to_voxel(read_landmarks(source, image=image), image.affine)
             d[key] = torch.as_tensor(points.astype(np.float32))
             counts[source] = len(points)
         if len(set(counts.values())) > 1:
