@@ -33,7 +33,6 @@ replays the interrupted epoch from the first batch not yet trained on.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -54,6 +53,7 @@ from roigan_stain_transfer.losses import (
     lsgan_discriminator_loss,
     lsgan_generator_loss,
 )
+from shared_ops.engines import engine_autocast
 
 __all__ = [
     "LinearDecayLR",
@@ -340,13 +340,7 @@ class RoIGANTrainer(Trainer):
                 )
 
     def _autocast(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        device_type = torch.device(self.state.device).type
-        kwargs = dict(self.amp_kwargs)
-        if device_type == "cpu":
-            kwargs.setdefault("dtype", torch.bfloat16)
-        return torch.autocast(device_type, **kwargs)
+        return engine_autocast(self)
 
     def _to_device(self, value):
         if isinstance(value, torch.Tensor):

@@ -15,7 +15,6 @@ Every file is written atomically: to a temporary file in the destination folder,
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -37,6 +36,7 @@ from PIL import Image
 from roigan_stain_transfer.box_library import RELEASED_CODE, BoxLibraryParams, resolve_preset
 from roigan_stain_transfer.data import HE_KEY, IHC_KEY, MASK_KEY, NAME_KEY
 from roigan_stain_transfer.metrics import mask_scores, psnr, ssim, summarize, synthetic_dab_mask, tiles_to_uint8
+from shared_ops.engines import engine_autocast
 
 __all__ = [
     "CSV_FIELDS",
@@ -145,13 +145,7 @@ class StainTransferEvaluator(Evaluator):
         self.image_key, self.pred_key = image_key, pred_key
 
     def _autocast(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        device_type = torch.device(self.state.device).type
-        kwargs = dict(self.amp_kwargs)
-        if device_type == "cpu":
-            kwargs.setdefault("dtype", torch.bfloat16)
-        return torch.autocast(device_type, **kwargs)
+        return engine_autocast(self)
 
     def _iteration(self, engine: StainTransferEvaluator, batchdata: Mapping) -> dict:
         if batchdata is None:

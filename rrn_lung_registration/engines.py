@@ -9,7 +9,6 @@ batch (``fixed_landmarks``, ``moving_landmarks``) are passed through for metrics
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from rrn_lung_registration.data import IMAGE_KEYS, LANDMARK_KEYS
 from rrn_lung_registration.warp import Warp3d
+from shared_ops.engines import engine_autocast
 
 __all__ = ["RegistrationEvaluator", "RegistrationTrainer"]
 
@@ -31,17 +31,6 @@ def _to_device(engine, value: torch.Tensor) -> torch.Tensor:
     if isinstance(value, MetaTensor):
         value = value.as_tensor()
     return value.to(engine.state.device, non_blocking=engine.non_blocking)
-
-
-def _autocast(engine):
-    """Mixed precision when ``amp`` is set: float16 on CUDA, bfloat16 on CPU (unless ``amp_kwargs`` say)."""
-    if not engine.amp:
-        return contextlib.nullcontext()
-    device_type = torch.device(engine.state.device).type
-    kwargs = dict(engine.amp_kwargs)
-    if device_type == "cpu":
-        kwargs.setdefault("dtype", torch.bfloat16)
-    return torch.autocast(device_type, **kwargs)
 
 
 def _with_meta(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -73,7 +62,16 @@ def _output(engine, batchdata: Mapping, fixed, moving, ddf, warped) -> dict:
     return out
 
 
-class RegistrationTrainer(SupervisedTrainer):
+class _PairEngine:
+    """What both registration engines add to their MONAI base: the warp and the batch keys."""
+
+    def _setup_pair(self, warp: nn.Module | None, fixed_key: str, moving_key: str, passthrough_keys) -> None:
+        self.warp = warp if warp is not None else Warp3d()
+        self.fixed_key, self.moving_key = fixed_key, moving_key
+        self.passthrough_keys = tuple(passthrough_keys)
+
+
+class RegistrationTrainer(_PairEngine, SupervisedTrainer):
     """Unsupervised trainer: ``loss = loss_function(fixed, warp(moving, ddf), ddf)``.
 
     Takes every argument of :class:`monai.engines.SupervisedTrainer` (``loss_function`` is called with the
@@ -96,15 +94,13 @@ class RegistrationTrainer(SupervisedTrainer):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.warp = warp if warp is not None else Warp3d()
-        self.fixed_key, self.moving_key = fixed_key, moving_key
-        self.passthrough_keys = tuple(passthrough_keys)
+        self._setup_pair(warp, fixed_key, moving_key, passthrough_keys)
 
     def _iteration(self, engine: RegistrationTrainer, batchdata: Mapping) -> dict:
         fixed, moving = _pair(engine, batchdata)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with _autocast(engine):
+        with engine_autocast(engine):
             ddf = engine.inferer(moving, engine.network, fixed)
             warped = engine.warp(moving, ddf)
             engine.state.output = _output(engine, batchdata, fixed, moving, ddf, warped)
@@ -126,7 +122,7 @@ class RegistrationTrainer(SupervisedTrainer):
         return engine.state.output
 
 
-class RegistrationEvaluator(SupervisedEvaluator):
+class RegistrationEvaluator(_PairEngine, SupervisedEvaluator):
     """Evaluator / inference engine for pairs: fields and warped images, no gradients.
 
     Takes every argument of :class:`monai.engines.SupervisedEvaluator`, plus ``warp``, ``fixed_key``,
@@ -144,14 +140,12 @@ class RegistrationEvaluator(SupervisedEvaluator):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.warp = warp if warp is not None else Warp3d()
-        self.fixed_key, self.moving_key = fixed_key, moving_key
-        self.passthrough_keys = tuple(passthrough_keys)
+        self._setup_pair(warp, fixed_key, moving_key, passthrough_keys)
 
     def _iteration(self, engine: RegistrationEvaluator, batchdata: Mapping) -> dict:
         fixed, moving = _pair(engine, batchdata)
         engine.network.eval()
-        with engine.mode(engine.network), _autocast(engine):
+        with engine.mode(engine.network), engine_autocast(engine):
             ddf = engine.inferer(moving, engine.network, fixed)
         ddf = ddf.float()
         with engine.mode(engine.network):

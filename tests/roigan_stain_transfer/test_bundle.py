@@ -8,7 +8,6 @@ tiny tile set of ``test_data.py`` (4 tiles per stain, 3 with library boxes).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from PIL import Image
 
+from tests.bundle_cli import TIMEOUT, BundleCLI, run_checked, subprocess_env
 from tests.conftest import REPO_ROOT
 from tests.roigan_stain_transfer.test_data import TINY, write_tiny_set
 
@@ -34,34 +34,10 @@ NARROW = [
     "--roi_channels", "[4,4,4,4]",
 ]  # fmt: skip
 SMALL = ["--tile_size", str(TINY), "--batch_size", "2", *NARROW]
-TIMEOUT = 600
 
 
-def _config(*names: str) -> str:
-    files = [str(CONFIGS / f"{name}.json") for name in names]
-    return files[0] if len(files) == 1 else json.dumps(files)
-
-
-def _command(config: str, root: Path, *extra: str, launcher: list[str] | None = None) -> list[str]:
-    launcher = launcher or [sys.executable, "-m", "monai.bundle"]
-    return [
-        *launcher, "run",
-        "--config_file", config,
-        "--meta_file", str(CONFIGS / "metadata.json"),
-        "--logging_file", str(CONFIGS / "logging.conf"),
-        "--bundle_root", str(root),
-        *extra,
-    ]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-
-
-def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
+CLI = BundleCLI("roigan_stain_transfer")
+_config, _command, _env, _run = CLI.config, CLI.command, subprocess_env, run_checked
 
 
 def _train_command(root: Path, *extra: str) -> list[str]:

@@ -7,7 +7,6 @@ phantom pairs written by the test.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torch
 from monai.bundle import verify_metadata
 
 from rrn_lung_registration.phantom import make_dataset
+from tests.bundle_cli import TIMEOUT, BundleCLI, run_checked, subprocess_env
 from tests.conftest import REPO_ROOT
 
 BUNDLE = REPO_ROOT / "bundles" / "rrn_lung_registration"
@@ -34,33 +34,14 @@ SMALL = [
     "--network_def#estimator_channels", "[16,16,16,16,8]",
     "--network_def#refiner_channels", "[16,16,16,16,16,8,3]",
 ]  # fmt: skip
-TIMEOUT = 600
 
 
-def _config(*names: str) -> str:
-    files = [str(CONFIGS / f"{name}.json") for name in names]
-    return files[0] if len(files) == 1 else json.dumps(files)
+CLI = BundleCLI("rrn_lung_registration")
+_config, _env, _run = CLI.config, subprocess_env, run_checked
 
 
 def _command(config: str, root: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", config,
-        "--meta_file", str(CONFIGS / "metadata.json"),
-        "--logging_file", str(CONFIGS / "logging.conf"),
-        "--bundle_root", str(root),
-        *SMALL, *extra,
-    ]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-
-
-def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
+    return CLI.command(config, root, *SMALL, *extra)
 
 
 @pytest.fixture(scope="module")
