@@ -3,7 +3,9 @@
     python -m bench.shared_ops_bench [--device cpu|cuda] [--repeats N]
 
 Correlation: forward and forward+backward at the three pyramid levels a 256^3 registration uses
-(64^3 x 32, 32^3 x 64, 16^3 x 96 channels, r = 2, batch 1). RoIAlign: 64 boxes on (8, 512, 16, 16)
+(64^3 x 32, 32^3 x 64, 16^3 x 96 channels, r = 2, batch 1). "fast" is what users get by default (the
+native C kernels where they build, see ``shared_ops._native``; the row says which ran) and "torch" the
+PyTorch implementation, forced with ``SHARED_OPS_NATIVE=0`` around each call. RoIAlign: 64 boxes on (8, 512, 16, 16)
 features (the RoI discriminator: 48 px boxes, 3x3 output, scale 1/16) and 512 boxes on (8, 256, 64, 64)
 (boxes of 16-128 px, 7x7 output, scale 1/4). Every time is a median over repeats taken side by side in
 one process, once with the default allocator and once with glibc told to keep freed memory ("warm
@@ -16,13 +18,16 @@ targets: speed-up (default allocator) on every row, memory ratio on forward rows
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 
 from bench._measure import WARM_ALLOCATOR, device_description, median_seconds, peak_memory_mb, run_worker, write_results
+from shared_ops import _native
 from shared_ops.correlation import local_cost_correlation_3d
 from shared_ops.reference import local_cost_correlation_3d_loop, roi_align_loop
 from shared_ops.roi_align import roi_align
@@ -55,12 +60,42 @@ def _correlation_variants(case: str, device: torch.device) -> dict[str, Callable
     gen = torch.Generator().manual_seed(0)
     fixed = torch.randn(1, channels, size, size, size, generator=gen).to(device)
     moving = torch.randn(1, channels, size, size, size, generator=gen).to(device)
+
+    def layer(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return local_cost_correlation_3d(f, m, 2, normalize="none")
+
+    def torch_path(grad: bool) -> torch.Tensor:
+        with _native_disabled():  # forward and backward both
+            return _call(layer, (fixed, moving), grad)
+
     return {
         "loop": lambda grad: _call(lambda f, m: local_cost_correlation_3d_loop(f, m, 2), (fixed, moving), grad),
-        "fast": lambda grad: _call(
-            lambda f, m: local_cost_correlation_3d(f, m, 2, normalize="none"), (fixed, moving), grad
-        ),
+        "fast": lambda grad: _call(layer, (fixed, moving), grad),
+        "torch": torch_path,
     }
+
+
+@contextlib.contextmanager
+def _native_disabled() -> Iterator[None]:
+    """Run the correlation layer on its PyTorch implementation (the switch is read at every call)."""
+    before = os.environ.get(_native.ENV_ENABLE)
+    os.environ[_native.ENV_ENABLE] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_native.ENV_ENABLE]
+        else:
+            os.environ[_native.ENV_ENABLE] = before
+
+
+def _correlation_fast_implementation(device: torch.device) -> str:
+    """Which implementation the correlation layer's default ("fast") runs on ``device`` in float32."""
+    if device.type != "cpu":
+        return "torch"
+    if _native.correlation_kernels() is None:
+        return f"torch (native unavailable: {_native.load_error('correlation')})"
+    return "native"
 
 
 def _roi_variants(case: str, device: torch.device) -> dict[str, Callable[[bool], torch.Tensor]]:
@@ -133,6 +168,8 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, device, args.repeats)))
         return
 
+    fast_impl = _correlation_fast_implementation(device)
+    print(f"correlation fast implementation: {fast_impl}", flush=True)
     rows = []
     for op, cases in CASES.items():
         for case in cases:
@@ -147,8 +184,13 @@ def main() -> None:
                     row[f"{name}_s"] = times[name]
                     row[f"{name}_peak_mb"] = memory[name]
                 row["speedup"] = times["loop"] / times["fast"]
+                if "torch" in times:
+                    row["torch_speedup"] = times["loop"] / times["torch"]
+                if op == "correlation":
+                    row["fast_impl"] = fast_impl
                 warm = _in_worker(args, op, case, mode, "time", WARM_ALLOCATOR)
-                row["warm_loop_s"], row["warm_fast_s"] = warm["loop"], warm["fast"]
+                for name in names:
+                    row[f"warm_{name}_s"] = warm[name]
                 row["warm_speedup"] = warm["loop"] / warm["fast"]
                 row["memory_ratio"] = memory["fast"] / max(memory["loop"], 1e-9)
                 target = TARGETS[op]
@@ -165,21 +207,27 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "repeats": args.repeats,
         "targets": TARGETS,
+        "correlation_fast_implementation": fast_impl,
         "rows": rows,
     }
     columns = [
         ("op", "op"),
         ("case", "case"),
         ("mode", "mode"),
+        ("fast_impl", "fast is"),
         ("loop_s", "loop s"),
         ("fast_s", "fast s"),
         ("speedup", "speed-up"),
+        ("torch_s", "torch s"),
+        ("torch_speedup", "torch speed-up"),
         ("warm_loop_s", "loop s, warm allocator"),
         ("warm_fast_s", "fast s, warm allocator"),
         ("warm_speedup", "speed-up, warm allocator"),
+        ("warm_torch_s", "torch s, warm allocator"),
         ("loop_peak_mb", "loop peak MiB"),
         ("fast_peak_mb", "fast peak MiB"),
         ("memory_ratio", "memory ratio"),
+        ("torch_peak_mb", "torch peak MiB"),
     ]
     if any("torchvision_s" in row for row in rows):
         columns += [("torchvision_s", "torchvision s"), ("torchvision_peak_mb", "torchvision peak MiB")]

@@ -1,5 +1,6 @@
-"""What both methods share: the 3-D local cost correlation and RoIAlign layers (pure PyTorch), and, in
-:mod:`shared_ops.checkpoints` (loaded on first use, it needs MONAI), atomic checkpointing for MONAI engines.
+"""What both methods share: the 3-D local cost correlation (PyTorch, plus a C kernel on CPU) and RoIAlign
+layers, and, in :mod:`shared_ops.checkpoints` and :mod:`shared_ops.engines` (loaded on first use, they need
+MONAI), atomic checkpointing and mixed precision for MONAI engines.
 
 This package imports nothing from the two method packages, and nothing from torchvision.
 """

@@ -12,11 +12,22 @@ Shapes and conventions (stated once, used everywhere in this module):
 
   :func:`correlation_displacements` returns the ``(K, 3)`` table of ``(dz, dy, dx)`` in that order.
 
-Implementation: the volume is processed in slabs along ``D`` that fit in cache; for each slab the
-``(2r + 1) ** 3`` shifts are visited one at a time on the overlapping windows of the two inputs (views,
-no padding), with one slab-sized product buffer, so peak memory is the output plus that buffer and no
-shifted copy of ``moving`` is ever made. The backward pass is written by hand with the same loop, so
-autograd stores only the two inputs.
+Implementation. Two implementations of the raw correlation and of its hand-written backward pass sit
+behind one autograd function, which saves only the two inputs for the backward pass:
+
+* Native (CPU, float32 and float64): a fused C kernel (``shared_ops/_native/correlation.c``, compiled with
+  OpenMP on first use, see :mod:`shared_ops._native`). Each thread owns rows of ``W`` output voxels and
+  computes all ``K`` displacements of a row at once, vectorised along ``W``, reading each input row from a
+  small per-thread copy; nothing volume-sized is allocated besides the output (or the input gradients).
+  It runs on ``torch.get_num_threads()`` threads (fewer on volumes too small to share out).
+* PyTorch (every other device and dtype, and the CPU fallback): the volume is processed in slabs along
+  ``D`` that fit in cache; for each slab the ``(2r + 1) ** 3`` shifts are visited one at a time on the
+  overlapping windows of the two inputs (views, no padding), with one slab-sized product buffer, so peak
+  memory is the output plus that buffer and no shifted copy of ``moving`` is ever made.
+
+The native kernels are used whenever they apply and could be built; ``SHARED_OPS_NATIVE=0`` in the
+environment forces the PyTorch implementation, and a missing compiler or a failed build falls back to it
+with one warning.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from shared_ops import _native
 
 __all__ = [
     "LocalCostCorrelation3d",
@@ -106,6 +119,9 @@ def local_cost_correlation_3d(
     _check_radius(radius)
     dtype = torch.promote_types(fixed.dtype, moving.dtype)
     fixed, moving = normalize_features(fixed.to(dtype), moving.to(dtype), normalize, eps)
+    if torch.jit.is_tracing():
+        # plain tensor operations, so that a traced model (TorchScript export) holds no Python call
+        return _correlation_forward(fixed, moving, radius)
     return _LocalCorrelation.apply(fixed, moving, radius)
 
 
@@ -133,7 +149,15 @@ class LocalCostCorrelation3d(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Core: raw (un-normalised) correlation with a hand-written backward pass.
+# Core: raw (un-normalised) correlation with a hand-written backward pass; the PyTorch implementation
+# below, the native one in shared_ops._native.
+
+
+def _native_kernels(x: torch.Tensor) -> _native.CorrelationKernels | None:
+    """The native kernels if they serve ``x`` (CPU, float32/float64, enabled and built), else None."""
+    if x.device.type != "cpu" or x.dtype not in _native.CorrelationKernels.DTYPES:
+        return None
+    return _native.correlation_kernels()
 
 
 class _LocalCorrelation(torch.autograd.Function):
@@ -142,6 +166,9 @@ class _LocalCorrelation(torch.autograd.Function):
         fixed, moving = fixed.contiguous(), moving.contiguous()
         ctx.save_for_backward(fixed, moving)
         ctx.radius = radius
+        kernels = _native_kernels(fixed)
+        if kernels is not None:
+            return kernels.forward(fixed, moving, radius)
         return _correlation_forward(fixed, moving, radius)
 
     @staticmethod
@@ -149,9 +176,10 @@ class _LocalCorrelation(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         fixed, moving = ctx.saved_tensors
         need_fixed, need_moving = ctx.needs_input_grad[:2]
-        grad_fixed, grad_moving = _correlation_backward(
-            grad_out.contiguous(), fixed, moving, ctx.radius, need_fixed, need_moving
-        )
+        grad_out = grad_out.to(fixed.dtype).contiguous()
+        kernels = _native_kernels(fixed)
+        backward = kernels.backward if kernels is not None else _correlation_backward
+        grad_fixed, grad_moving = backward(grad_out, fixed, moving, ctx.radius, need_fixed, need_moving)
         return grad_fixed, grad_moving, None
 
 

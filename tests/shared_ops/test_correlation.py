@@ -1,10 +1,19 @@
-"""shared_ops.correlation against a plainly written loop, by gradcheck, and on bad input."""
+"""shared_ops.correlation against a plainly written loop, by gradcheck, and on bad input.
+
+The exactness tests run once per implementation: the native CPU kernels (skipped where they cannot be
+built) and the PyTorch implementation, the latter with the default slab size and with one D-plane per
+slab.
+"""
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import pytest
 import torch
 
+from shared_ops import _native
 from shared_ops import correlation as corr_module
 from shared_ops.correlation import (
     LocalCostCorrelation3d,
@@ -20,14 +29,39 @@ SHAPES = [  # (B, C, D, H, W), radius
     ((2, 32, 6, 8, 5), 3),
     ((1, 32, 9, 9, 9), 2),
     ((2, 16, 3, 4, 2), 2),  # radius larger than the volume along two axes
+    ((2, 7, 3, 5, 19), 2),  # W neither a whole number of SIMD vectors nor less than one
+    ((1, 5, 4, 6, 21), 5),  # 11 shifts along x: more than the native kernel holds in registers at once
 ]
 
+IMPLEMENTATIONS = ["native", "torch", "torch, one plane per slab"]
 
-@pytest.fixture(params=["one plane per slab", "default slabs"])
-def slab_budget(request, monkeypatch):
-    """Run each test both with the device's slab size and with slabs of a single D-plane."""
-    if request.param == "one plane per slab":
-        monkeypatch.setitem(corr_module._SLAB_BYTES, "cpu", 1)
+
+def _native_unavailable_reason() -> str | None:
+    """Why the native kernels cannot run here, or None when they can."""
+    if not _native.enabled():
+        return f"native kernels disabled by {_native.ENV_ENABLE}={os.environ[_native.ENV_ENABLE]}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reason is reported in the skip message instead
+        kernels = _native.correlation_kernels()
+    if kernels is None:
+        return f"native kernels not available: {_native.load_error('correlation')}"
+    return None
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def impl(request, monkeypatch):
+    """Run a test on the native kernels, and on the PyTorch path with its slab size and with 1-plane slabs."""
+    if request.param == "native":
+        reason = _native_unavailable_reason()
+        if reason is not None:
+            pytest.skip(reason)
+    else:
+        monkeypatch.setenv(_native.ENV_ENABLE, "0")
+        if request.param == "torch, one plane per slab":
+            monkeypatch.setitem(corr_module._SLAB_BYTES, "cpu", 1)
+    for dtype in (torch.float32, torch.float64):  # the implementation asked for is the one that runs
+        uses_native = corr_module._native_kernels(torch.empty(1, dtype=dtype)) is not None
+        assert uses_native == (request.param == "native")
     return request.param
 
 
@@ -49,7 +83,7 @@ def _plain_normalize(x: torch.Tensor, other: torch.Tensor, mode: str, eps: float
 
 
 @pytest.mark.parametrize("shape,radius", SHAPES)
-def test_matches_loop_reference_float32(shape, radius, slab_budget):
+def test_matches_loop_reference_float32(shape, radius, impl):
     fixed, moving = torch.randn(shape), torch.randn(shape)
     out = local_cost_correlation_3d(fixed, moving, radius, normalize="none")
     expected = local_cost_correlation_3d_loop(fixed, moving, radius)
@@ -58,7 +92,7 @@ def test_matches_loop_reference_float32(shape, radius, slab_budget):
 
 
 @pytest.mark.parametrize("mode", ["channel", "global", "none"])
-def test_normalisation_modes(mode, slab_budget):
+def test_normalisation_modes(mode, impl):
     shape = (2, 16, 6, 7, 5)
     fixed, moving = 3 * torch.randn(shape) + 1, torch.rand(shape)
     out = local_cost_correlation_3d(fixed, moving, 2, normalize=mode, eps=1e-5)
@@ -84,7 +118,7 @@ def test_global_normalisation_shares_statistics_between_images():
 
 
 @pytest.mark.parametrize("radius", [1, 2])
-def test_channel_order_finds_a_known_shift(radius):
+def test_channel_order_finds_a_known_shift(radius, impl):
     """A moving volume that is the fixed one shifted by d peaks in the channel of d."""
     fixed = torch.randn(1, 16, 12, 12, 12)
     for shift in [(1, 0, -1), (0, -radius, radius), (-1, 1, 0)]:
@@ -107,7 +141,7 @@ def test_displacement_table_order():
     assert table[13].tolist() == [0, 0, 0]
 
 
-def test_zero_where_the_displacement_leaves_the_volume():
+def test_zero_where_the_displacement_leaves_the_volume(impl):
     fixed, moving = torch.randn(1, 4, 4, 4, 4), torch.randn(1, 4, 4, 4, 4)
     out = local_cost_correlation_3d(fixed, moving, 1, normalize="none")
     table = correlation_displacements(1)
@@ -119,7 +153,7 @@ def test_zero_where_the_displacement_leaves_the_volume():
 
 @pytest.mark.parametrize("mode", ["channel", "global", "none"])
 @pytest.mark.parametrize("radius", [1, 2])
-def test_gradcheck_float64(mode, radius, slab_budget):
+def test_gradcheck_float64(mode, radius, impl):
     fixed = torch.randn(1, 3, 4, 3, 5, dtype=torch.float64, requires_grad=True)
     moving = torch.randn(1, 3, 4, 3, 5, dtype=torch.float64, requires_grad=True)
     # fast_mode compares random projections u^T J v of the analytic and numerical Jacobians; the full
@@ -129,13 +163,13 @@ def test_gradcheck_float64(mode, radius, slab_budget):
     )
 
 
-def test_full_jacobian_gradcheck_tiny():
+def test_full_jacobian_gradcheck_tiny(impl):
     fixed = torch.randn(1, 2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     moving = torch.randn(1, 2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda f, m: local_cost_correlation_3d(f, m, 1, normalize="none"), (fixed, moving))
 
 
-def test_gradients_match_autograd_through_the_loop():
+def test_gradients_match_autograd_through_the_loop(impl):
     shape = (2, 8, 6, 5, 7)
     f1, m1 = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
     f2, m2 = f1.detach().clone().requires_grad_(), m1.detach().clone().requires_grad_()
@@ -146,12 +180,147 @@ def test_gradients_match_autograd_through_the_loop():
     torch.testing.assert_close(m1.grad, m2.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_to_one_input_only():
-    fixed = torch.randn(1, 4, 5, 5, 5, requires_grad=True)
-    moving = torch.randn(1, 4, 5, 5, 5)
-    local_cost_correlation_3d(fixed, moving, 1).sum().backward()
-    assert fixed.grad is not None and torch.isfinite(fixed.grad).all()
-    assert moving.grad is None
+@pytest.mark.parametrize("which", ["fixed", "moving"])
+def test_gradient_to_one_input_only(which, impl):
+    inputs = {name: torch.randn(1, 4, 5, 5, 5) for name in ("fixed", "moving")}
+    inputs[which].requires_grad_()
+    weight = torch.randn(1, 27, 5, 5, 5)
+    (local_cost_correlation_3d(inputs["fixed"], inputs["moving"], 1, normalize="none") * weight).sum().backward()
+    leaves = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
+    (local_cost_correlation_3d_loop(leaves["fixed"], leaves["moving"], 1) * weight).sum().backward()
+    other = "moving" if which == "fixed" else "fixed"
+    assert inputs[other].grad is None
+    torch.testing.assert_close(inputs[which].grad, leaves[which].grad, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_inputs(impl):
+    fixed = torch.randn(2, 6, 7, 5, 8).transpose(2, 4)  # (2, 6, 8, 5, 7), not contiguous
+    moving = torch.randn(6, 2, 8, 5, 7).transpose(0, 1)
+    assert not fixed.is_contiguous() and not moving.is_contiguous()
+    out = local_cost_correlation_3d(fixed, moving, 2, normalize="none")
+    expected = local_cost_correlation_3d_loop(fixed.contiguous(), moving.contiguous(), 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_volume(impl):
+    fixed = torch.randn(1, 4, 0, 5, 5, requires_grad=True)
+    out = local_cost_correlation_3d(fixed, torch.randn(1, 4, 0, 5, 5), 1, normalize="none")
+    assert out.shape == (1, 27, 0, 5, 5)
+    out.sum().backward()
+    assert fixed.grad.shape == fixed.shape
+
+
+# --------------------------------------------------------------------------------------------------
+# Native kernels: which path runs, thread counts, and the fallback to PyTorch.
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """Forget any library loaded in this process and build into an empty cache directory."""
+    monkeypatch.setattr(_native, "_loaded", {})
+    monkeypatch.setenv(_native.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(_native.ENV_ENABLE, raising=False)
+    return tmp_path / "cache"
+
+
+def _count_torch_forward_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    torch_forward = corr_module._correlation_forward
+
+    def spy(*args):
+        calls.append(1)
+        return torch_forward(*args)
+
+    monkeypatch.setattr(corr_module, "_correlation_forward", spy)
+    return calls
+
+
+def test_native_is_the_default_on_cpu(monkeypatch):
+    monkeypatch.delenv(_native.ENV_ENABLE, raising=False)
+    reason = _native_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    calls = _count_torch_forward_calls(monkeypatch)
+    fixed, moving = torch.randn(1, 8, 5, 6, 7), torch.randn(1, 8, 5, 6, 7)
+    for x, y in ((fixed, moving), (fixed.double(), moving.double())):
+        local_cost_correlation_3d(x, y, 1)
+    assert calls == []
+    local_cost_correlation_3d(fixed.bfloat16(), moving.bfloat16(), 1)  # no native bfloat16 kernel
+    assert calls == [1]
+
+
+def test_environment_variable_disables_native(monkeypatch):
+    monkeypatch.setenv(_native.ENV_ENABLE, "0")
+    assert _native.correlation_kernels() is None
+    calls = _count_torch_forward_calls(monkeypatch)
+    fixed, moving = torch.randn(1, 8, 5, 6, 7), torch.randn(1, 8, 5, 6, 7)
+    out = local_cost_correlation_3d(fixed, moving, 1, normalize="none")
+    assert calls == [1]
+    torch.testing.assert_close(out, local_cost_correlation_3d_loop(fixed, moving, 1), atol=1e-5, rtol=1e-5)
+
+
+def _failing_compiler(directory) -> str:
+    script = directory / "broken-cc"
+    script.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("compiler", ["fails", "missing"])
+def test_fallback_when_the_build_fails(compiler, fresh_native, monkeypatch, tmp_path):
+    if compiler == "fails":
+        monkeypatch.setenv("CC", _failing_compiler(tmp_path))
+        message = "failed to compile"
+    else:
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        message = "no C compiler"
+    calls = _count_torch_forward_calls(monkeypatch)
+    fixed = torch.randn(1, 8, 5, 6, 7, requires_grad=True)
+    moving = torch.randn(1, 8, 5, 6, 7)
+    with pytest.warns(RuntimeWarning, match=f"native CPU kernels unavailable.*{message}"):
+        out = local_cost_correlation_3d(fixed, moving, 1, normalize="none")
+    torch.testing.assert_close(out, local_cost_correlation_3d_loop(fixed, moving, 1), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure is remembered: no second warning, no second build
+        local_cost_correlation_3d(fixed, moving, 1)
+    assert calls == [1, 1]
+    assert not fresh_native.exists() or not any(fresh_native.iterdir())  # no half-built files left
+
+
+def test_build_goes_to_the_cache_and_is_reused(fresh_native):
+    try:
+        path = _native.build_library("correlation")
+    except _native.NativeBuildError as error:
+        pytest.skip(f"no working C compiler: {error}")
+    assert path.parent == fresh_native and path.suffix == ".so"
+    assert sorted(p.name for p in fresh_native.iterdir()) == [path.name]  # no temporary files left
+    mtime = path.stat().st_mtime_ns
+    assert _native.build_library("correlation") == path and path.stat().st_mtime_ns == mtime
+    assert _native.correlation_kernels() is not None
+
+
+def test_native_result_does_not_depend_on_the_thread_count():
+    reason = _native_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    fixed = torch.randn(2, 16, 12, 11, 13, requires_grad=True)
+    moving = torch.randn(2, 16, 12, 11, 13, requires_grad=True)
+    weight = torch.randn(2, 125, 12, 11, 13)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            fixed.grad = moving.grad = None
+            out = local_cost_correlation_3d(fixed, moving, 2, normalize="none")
+            (out * weight).sum().backward()
+            results.append((out.detach(), fixed.grad, moving.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:  # each output row is computed by one thread in a fixed order
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_dtype_promotion_and_bfloat16():
@@ -218,3 +387,17 @@ def test_bad_normalisation_and_dtype():
         LocalCostCorrelation3d(1, normalize="batch")
     with pytest.raises(TypeError, match="floating-point"):
         local_cost_correlation_3d(x.long(), x.long(), 1)
+
+
+def test_traced_layer_exports_and_follows_its_inputs(tmp_path):
+    """A traced model (TorchScript export for MONAI Deploy) must save, load and compute without Python."""
+    layer = LocalCostCorrelation3d(radius=1)
+    gen = torch.Generator().manual_seed(0)
+    example = (torch.randn(1, 4, 5, 6, 7, generator=gen), torch.randn(1, 4, 5, 6, 7, generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(layer, example)
+    torch.jit.save(traced, tmp_path / "layer.ts")
+    loaded = torch.jit.load(tmp_path / "layer.ts")
+    other = (torch.randn(1, 4, 5, 6, 7, generator=gen), torch.randn(1, 4, 5, 6, 7, generator=gen))
+    torch.testing.assert_close(loaded(*other), layer(*other), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,313 @@
+"""Native CPU kernels of the shared layers, compiled from C on first use and loaded with ctypes.
+
+The C sources ship next to this file (package data). The first call that needs a kernel compiles its
+source with the system C compiler into a shared library in a per-user cache directory and loads it; later
+calls, and later processes, reuse that library. Nothing is compiled at install time and there is no
+build dependency beyond a C compiler at run time.
+
+Where the library lives: ``$SHARED_OPS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/monai-rrn-roigan/native``,
+else ``~/.cache/monai-rrn-roigan/native``. Its file name carries a hash of the source, the compiler (its
+resolved path, size and modification time), the flags and the CPU (``-march=native`` code must not be
+reused on another processor), so a changed source or compiler gets a fresh build and stale builds are
+never loaded. A build goes to a private temporary file that is then renamed into place, so processes that
+build at the same time do not see each other's half-written files; the last rename wins, and both results
+are identical.
+
+Compiler: ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``. Flag sets are tried in
+order, from ``-O3 -march=native -fopenmp`` down to plain ``-O3`` (a compiler without OpenMP gives a
+single-threaded build). The OpenMP build takes its thread count from each call (the layers pass
+``torch.get_num_threads()``); built by GCC it links ``libgomp.so.1``, the soname of the runtime bundled
+with PyTorch's Linux wheels, so the process keeps a single OpenMP runtime.
+
+Switches: ``SHARED_OPS_NATIVE=0`` (or ``false``, ``no``, ``off``) disables the native kernels, read at
+every call; the layers then run their PyTorch implementation. When no compiler is found or every build
+fails, one :class:`RuntimeWarning` says so and the layers fall back the same way for the rest of the
+process; the compiler's output is logged at debug level on the ``shared_ops._native`` logger.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = [
+    "ENV_CACHE_DIR",
+    "ENV_ENABLE",
+    "CorrelationKernels",
+    "NativeBuildError",
+    "build_library",
+    "cache_dir",
+    "correlation_kernels",
+    "enabled",
+    "load_error",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_ENABLE = "SHARED_OPS_NATIVE"
+ENV_CACHE_DIR = "SHARED_OPS_CACHE_DIR"
+_FALSE = {"0", "false", "no", "off"}
+
+SOURCE_DIR = Path(__file__).resolve().parent
+# Tried in order until one compiles; every set is combined with _COMMON_FLAGS.
+FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3",),
+)
+_COMMON_FLAGS = ("-std=gnu11", "-shared", "-fPIC")
+_BUILD_TIMEOUT_S = 300
+
+_lock = threading.Lock()
+# source name -> (its bound library, None) or, once building, loading or binding failed in this process,
+# (None, why).
+_loaded: dict[str, tuple[Any, str | None]] = {}
+T = TypeVar("T")
+
+
+class NativeBuildError(RuntimeError):
+    """No compiler was found, or every flag set failed to compile or load the source."""
+
+
+def enabled() -> bool:
+    """Whether native kernels may be used (``SHARED_OPS_NATIVE`` is not set to a false value)."""
+    return os.environ.get(ENV_ENABLE, "1").strip().lower() not in _FALSE
+
+
+def cache_dir() -> Path:
+    """Directory of the compiled libraries (see the module docstring for the lookup order)."""
+    explicit = os.environ.get(ENV_CACHE_DIR)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "monai-rrn-roigan" / "native"
+
+
+def _compiler() -> list[str]:
+    """Compiler command (``$CC`` split shell-style, or the first of cc, gcc, clang on PATH)."""
+    from_env = os.environ.get("CC", "").strip()
+    candidates = [shlex.split(from_env)] if from_env else [["cc"], ["gcc"], ["clang"]]
+    for command in candidates:
+        path = shutil.which(command[0])
+        if path is not None:
+            return [path, *command[1:]]
+    raise NativeBuildError(f"no C compiler found (tried {', '.join(c[0] for c in candidates)})")
+
+
+def _cpu_identity() -> str:
+    """Model and feature flags of this CPU, so that -march=native builds are not shared across CPUs."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    lines.append(line.strip())
+                if line.strip() == "":  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    return "\n".join([platform.machine(), platform.processor(), *lines])
+
+
+def _build_key(source: bytes, compiler: list[str]) -> str:
+    """Hash of everything that determines the built library."""
+    digest = hashlib.sha256(source)
+    real = os.path.realpath(compiler[0])
+    stat = os.stat(real)
+    parts = [*compiler, real, str(stat.st_size), str(stat.st_mtime_ns)]
+    parts += [" ".join(flags) for flags in FLAG_SETS] + list(_COMMON_FLAGS) + [_cpu_identity()]
+    for part in parts:
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:20]
+
+
+def build_library(name: str, directory: Path | None = None) -> Path:
+    """Path of the compiled library of ``<name>.c``, compiling it first if it is not in the cache.
+
+    Raises :class:`NativeBuildError` when there is no compiler or no flag set compiles.
+    """
+    source_path = SOURCE_DIR / f"{name}.c"
+    source = source_path.read_bytes()
+    compiler = _compiler()
+    directory = cache_dir() if directory is None else Path(directory)
+    target = directory / f"{name}-{_build_key(source, compiler)}.so"
+    if target.exists():
+        return target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NativeBuildError(f"cannot create the cache directory {directory}: {error}") from error
+    failures = []
+    for flags in FLAG_SETS:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".so.tmp", dir=directory)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        command = [*compiler, *flags, *_COMMON_FLAGS, str(source_path), "-o", str(tmp)]
+        logger.debug("compiling %s: %s", name, shlex.join(command))
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False)
+            if proc.returncode == 0:
+                tmp.chmod(0o755)  # mkstemp made it private; the library holds no secrets
+                os.replace(tmp, target)  # atomic: other processes see either no file or a complete one
+                logger.debug("built %s with %s", target, " ".join(flags))
+                return target
+            failures.append(f"{' '.join(flags)}: exit {proc.returncode}")
+            logger.debug("compiler output for %s:\n%s%s", " ".join(flags), proc.stdout, proc.stderr)
+        except (OSError, subprocess.SubprocessError) as error:
+            failures.append(f"{' '.join(flags)}: {error}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise NativeBuildError(f"{compiler[0]} failed to compile {source_path.name} ({'; '.join(failures)})")
+
+
+def load_error(name: str) -> str | None:
+    """Why the library of ``<name>.c`` failed to build or load in this process, or None if it has not failed."""
+    return _loaded.get(name, (None, None))[1]
+
+
+def _load(name: str, bind: Callable[[ctypes.CDLL], T]) -> T | None:
+    """``bind(library)`` for the library of ``<name>.c``, built and loaded once per process.
+
+    Returns None, after one :class:`RuntimeWarning` per process, when the library cannot be built, loaded
+    or bound; the failure is remembered, so later calls return None at once.
+    """
+    with _lock:
+        if name in _loaded:
+            return _loaded[name][0]
+        error_text = None
+        try:
+            path = build_library(name)
+            bound = bind(ctypes.CDLL(str(path)))
+        except (NativeBuildError, OSError, AttributeError) as error:
+            error_text = str(error)
+            warnings.warn(
+                f"shared_ops: native CPU kernels unavailable ({error}); using the slower PyTorch implementation. "
+                f"Set {ENV_ENABLE}=0 to skip the native build and this warning.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            bound = None
+        else:
+            logger.debug("loaded %s", path)
+        _loaded[name] = (bound, error_text)
+        return bound
+
+
+# --------------------------------------------------------------------------------------------------
+# Local cost correlation (correlation.c).
+
+_CORRELATION_ABI = 1
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# Multiply-adds per thread below which fewer threads are used (about 50 us of work): waking a thread
+# costs more than it saves on tiny volumes, and far more on a busy machine, where every extra thread of
+# a parallel region may wait for a time slice.
+_GRAIN = 1 << 19
+
+
+def _num_threads(work: int) -> int:
+    """Threads for a kernel call of ``work`` multiply-adds: ``torch.get_num_threads()`` or fewer."""
+    return max(1, min(torch.get_num_threads(), work // _GRAIN))
+
+
+class CorrelationKernels:
+    """ctypes bindings of ``correlation.c``: raw correlation and its input gradients on contiguous CPU tensors.
+
+    Both methods take ``(B, C, D, H, W)`` inputs of one dtype (float32 or float64, see :attr:`DTYPES`),
+    contiguous and on the CPU; outputs are new tensors, ``(B, (2r + 1) ** 3, D, H, W)`` for the forward
+    pass and input-shaped for the gradients. They run on ``torch.get_num_threads()`` threads (fewer on
+    volumes too small to share out) and release the GIL while they run.
+    """
+
+    DTYPES = tuple(_SUFFIX)
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        version = library.corr_abi_version()
+        if version != _CORRELATION_ABI:
+            raise NativeBuildError(f"correlation library has interface version {version}, expected {_CORRELATION_ABI}")
+        ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._forward, self._backward = {}, {}
+        for dtype, suffix in _SUFFIX.items():
+            forward = getattr(library, f"corr_forward_{suffix}")
+            forward.argtypes = [ptr] * 3 + [i64] * 6 + [c_int]
+            forward.restype = c_int
+            backward = getattr(library, f"corr_backward_{suffix}")
+            backward.argtypes = [ptr] * 5 + [i64] * 6 + [c_int]
+            backward.restype = c_int
+            self._forward[dtype], self._backward[dtype] = forward, backward
+        self.threaded = bool(library.corr_has_openmp())
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
+        """``out[b, k, x] = mean_c fixed[b, c, x] * moving[b, c, x + d_k]``, zero outside the volume."""
+        _check_operands(fixed, moving)
+        batch, channels, depth, height, width = fixed.shape
+        out = fixed.new_empty(batch, (2 * radius + 1) ** 3, depth, height, width)  # the kernel writes every value
+        if out.numel():
+            threads = _num_threads(out.numel() * channels)
+            status = self._forward[fixed.dtype](
+                fixed.data_ptr(), moving.data_ptr(), out.data_ptr(), *fixed.shape, radius, threads
+            )
+            _check_status(status)
+        return out
+
+    def backward(
+        self,
+        grad_out: torch.Tensor,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        radius: int,
+        need_fixed: bool = True,
+        need_moving: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of :meth:`forward` with respect to ``fixed`` and ``moving`` (None where not needed)."""
+        _check_operands(fixed, moving, grad_out)
+        grad_fixed = torch.empty_like(fixed) if need_fixed else None
+        grad_moving = torch.empty_like(moving) if need_moving else None
+        if fixed.numel() and (need_fixed or need_moving):
+            status = self._backward[fixed.dtype](
+                grad_out.data_ptr(),
+                fixed.data_ptr(),
+                moving.data_ptr(),
+                None if grad_fixed is None else grad_fixed.data_ptr(),
+                None if grad_moving is None else grad_moving.data_ptr(),
+                *fixed.shape,
+                radius,
+                _num_threads(grad_out.numel() * fixed.shape[1] * (int(need_fixed) + int(need_moving))),
+            )
+            _check_status(status)
+        return grad_fixed, grad_moving
+
+
+def _check_operands(*tensors: torch.Tensor) -> None:
+    dtype = tensors[0].dtype
+    for x in tensors:
+        if x.device.type != "cpu" or x.dtype != dtype or dtype not in _SUFFIX or not x.is_contiguous():
+            raise ValueError(
+                "native correlation kernels need contiguous CPU tensors of one dtype, float32 or float64; got "
+                f"{x.dtype} on {x.device}, contiguous={x.is_contiguous()}."
+            )
+
+
+def _check_status(status: int) -> None:
+    if status != 0:
+        raise MemoryError("native correlation kernel could not allocate its per-thread buffers.")
+
+
+def correlation_kernels() -> CorrelationKernels | None:
+    """The correlation kernels, or None when disabled (``SHARED_OPS_NATIVE=0``) or not buildable here."""
+    if not enabled():
+        return None
+    return _load("correlation", CorrelationKernels)
