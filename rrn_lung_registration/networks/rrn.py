@@ -22,6 +22,9 @@ resolution ``1 / 2 ** (l + 1)`` of the input):
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +34,12 @@ from torch import nn
 
 from shared_ops import LocalCostCorrelation3d
 
-__all__ = ["RRN", "FeaturePyramid", "DenseFlowEstimator", "DilatedRefiner", "upsample_field"]
+__all__ = ["RRN", "FeaturePyramid", "DenseFlowEstimator", "DilatedRefiner", "conv3d_pieces", "upsample_field"]
+
+# Activations run channels-last ((B, D, H, W, C) in memory) through the network: oneDNN's CPU kernels then
+# read and write them in place, where channels-first tensors are reordered to a blocked layout and back
+# around every convolution.
+CHANNELS_LAST = torch.channels_last_3d
 
 
 def _conv(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
@@ -41,6 +49,109 @@ def _conv(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 
 def upsample_field(ddf: torch.Tensor, factor: int) -> torch.Tensor:
     """Trilinear upsampling of a field in voxels by an integer factor; values are scaled with the grid."""
     return factor * F.interpolate(ddf, scale_factor=factor, mode="trilinear", align_corners=True)
+
+
+@functools.cache
+def _onednn_fused_ops() -> bool:
+    """Whether this torch build has oneDNN's fused convolution ops (convolution + activation or + sum)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Call oneDNN's fused ops for a convolution of ``x``: float32 on CPU, no autograd, no autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and _onednn_fused_ops()
+    )
+
+
+def conv3d_pieces(inputs: Sequence[torch.Tensor], conv: nn.Conv3d, slope: float | None = None) -> torch.Tensor:
+    """``leaky_relu(conv(torch.cat(inputs, dim=1)), slope)`` without building the concatenation.
+
+    A convolution of channel-concatenated inputs is the sum of the convolutions of each input with its
+    slice of the weight's input channels, so dense blocks keep every output as its own tensor: nothing is
+    copied as the block grows, and autograd stores each output once instead of in every concatenation.
+    Under ``torch.no_grad`` on CPU in float32 the sum is accumulated in place by oneDNN (convolution with
+    a fused sum) and a single input gets the activation fused too. The activation runs in place on the
+    sum, also under autograd (LeakyReLU with a positive slope differentiates from its output).
+
+    Args:
+        inputs: tensors (B, C_i, D, H, W) with ``sum(C_i) == conv.in_channels``, best channels-last.
+        conv: a 3-D convolution with ``groups == 1`` and zero padding.
+        slope: LeakyReLU negative slope, ``None`` for no activation.
+
+    Returns:
+        (B, conv.out_channels, D', H', W'), in the memory format oneDNN / cuDNN chose (channels-last for
+        channels-last inputs).
+    """
+    weight, bias = conv.weight, conv.bias
+    sizes = [x.shape[1] for x in inputs]
+    if sum(sizes) != weight.shape[1] or conv.groups != 1 or conv.padding_mode != "zeros":
+        raise ValueError(
+            f"inputs with {sizes} channels do not match {conv} (needs groups 1, zero padding, "
+            f"{weight.shape[1]} input channels)."
+        )
+    weights = torch.split(weight, sizes, dim=1) if len(inputs) > 1 else (weight,)
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), 1)
+    if _use_onednn(inputs[0], weight):
+        fused = len(inputs) == 1 and slope is not None
+        attr, scalars = ("leaky_relu", [slope]) if fused else ("none", [])
+        out = torch.ops.mkldnn._convolution_pointwise(inputs[0], weights[0], bias, *geometry, attr, scalars, "")
+        for x, w in zip(inputs[1:], weights[1:], strict=True):
+            torch.ops.mkldnn._convolution_pointwise_.binary(out, x, w, None, *geometry, "add", 1.0, None, [], None)
+        if slope is not None and not fused:
+            F.leaky_relu_(out, slope)
+        return out
+    out = None
+    for x, w in zip(inputs, weights, strict=True):
+        part = F.conv3d(x, w, bias if out is None else None, conv.stride, conv.padding, conv.dilation)
+        out = part if out is None else out.add_(part)
+    if slope is None:
+        return out
+    # in place where autograd allows it: LeakyReLU differentiates from its output for positive slopes
+    return F.leaky_relu_(out, slope) if slope > 0 or not torch.is_grad_enabled() else F.leaky_relu(out, slope)
+
+
+def _cat_channels_last(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors, dim=1)`` in channels-last memory format, whatever the inputs' formats."""
+    tensors = list(tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return torch.cat([t.contiguous(memory_format=CHANNELS_LAST) for t in tensors], dim=1)
+    first = tensors[0]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    shape = (first.shape[0], sum(t.shape[1] for t in tensors), *first.shape[2:])
+    out = torch.empty(shape, dtype=dtype, device=first.device, memory_format=CHANNELS_LAST)
+    return torch.cat(tensors, dim=1, out=out)
+
+
+def _native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has native CPU convolutions in ``dtype`` here (AVX512-BF16 / AVX512-FP16 / AMX)."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    return check is not None and bool(getattr(torch.ops.mkldnn, check)())
+
+
+def _cpu_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Float32 where CPU autocast asks for a low precision the CPU has no native convolutions for.
+
+    Without them PyTorch runs low-precision 3-D convolutions through a reference loop, hundreds of times
+    slower than float32 (a 256^3 registration would take hours), so autocast is switched off inside the
+    network and a warning says so once.
+    """
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype("cpu")
+    if _native_low_precision(dtype):
+        return contextlib.nullcontext()
+    warnings.warn(
+        f"RRN: this CPU has no native {dtype} convolutions (oneDNN needs AVX512-BF16/FP16 or AMX); the "
+        "network runs in float32 under CPU autocast.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return torch.autocast("cpu", enabled=False)
 
 
 class FeaturePyramid(nn.Module):
@@ -66,19 +177,30 @@ class FeaturePyramid(nn.Module):
             previous = width
         self.levels = nn.ModuleList(levels)
 
-    def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
-        """Outputs of the first ``depth`` levels (all by default), finest first."""
+    def forward(
+        self, x: torch.Tensor, depth: int | None = None, keep: Sequence[int] | None = None
+    ) -> list[torch.Tensor | None]:
+        """Outputs of the first ``depth`` levels (all by default), finest first, channels-last.
+
+        ``keep``: indices of the levels to return; the others are ``None`` in the list (freed as soon as
+        the next level is computed). All by default.
+        """
         features = []
-        for level in self.levels[: depth if depth is not None else len(self.levels)]:
-            x = level(x)
-            features.append(x)
+        x = x.contiguous(memory_format=CHANNELS_LAST)
+        for index, level in enumerate(self.levels[: depth if depth is not None else len(self.levels)]):
+            for conv, activation in zip(level[0::2], level[1::2], strict=True):
+                x = conv3d_pieces([x], conv, activation.negative_slope)
+            features.append(x if keep is None or index in keep else None)
         return features
 
 
 class DenseFlowEstimator(nn.Module):
     """Densely connected 3x3x3 convs (each reads the input and every earlier output), then a 3-channel conv.
 
-    ``forward(x)`` returns ``(field, context)``: the field (B, 3, ...) and the last hidden output.
+    ``forward(x)`` returns ``(field, context)``: the field (B, 3, ...) and the last hidden output. ``x`` is
+    the input (B, C, ...) or the list of tensors whose channel concatenation it is. No concatenation is
+    built inside: every layer sums the convolutions of the input and of each earlier output with the
+    matching slices of its weight (:func:`conv3d_pieces`).
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int] = (128, 128, 96, 64, 32), slope: float = 0.05):
@@ -94,13 +216,15 @@ class DenseFlowEstimator(nn.Module):
     def context_channels(self) -> int:
         return self.to_field.in_channels
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = x
-        for i, layer in enumerate(self.layers):
-            out = layer(x)
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        pieces = [x] if isinstance(x, torch.Tensor) else list(x)
+        out = pieces[0]
+        for i, (conv, activation) in enumerate(self.layers):
+            out = conv3d_pieces(pieces, conv, activation.negative_slope)
             if i < len(self.layers) - 1:
-                x = torch.cat([x, out], dim=1)
-        return self.to_field(out), out
+                pieces.append(out)
+        del pieces  # the block's outputs are freed before the field conv, all but the context
+        return conv3d_pieces([out], self.to_field), out
 
 
 class DilatedRefiner(nn.Module):
@@ -128,7 +252,13 @@ class DilatedRefiner(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, context: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-        return field + self.net(torch.cat([context, field], dim=1))
+        x = _cat_channels_last([context, field])
+        modules = list(self.net)
+        for i, conv in enumerate(modules):
+            if isinstance(conv, nn.Conv3d):
+                activation = modules[i + 1] if i + 1 < len(modules) else None
+                x = conv3d_pieces([x], conv, activation.negative_slope if activation is not None else None)
+        return field + x
 
 
 class RRN(nn.Module):
@@ -211,33 +341,43 @@ class RRN(nn.Module):
                 its own level's grid (B, 3, S' / 2^(l+1)) where S' is the padded input size.
         """
         self._check_inputs(moving, fixed)
+        with _cpu_precision(fixed):
+            ddf, levels = self._fields(moving, fixed)
+        return (ddf, levels) if return_levels else ddf
+
+    def _fields(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         shape = fixed.shape[2:]
         pad = [(-size) % self.size_multiple for size in shape]
         if any(pad):
             padding = [0, pad[2], 0, pad[1], 0, pad[0]]
             moving, fixed = F.pad(moving, padding, mode="replicate"), F.pad(fixed, padding, mode="replicate")
         depth = self.flow_levels[0] + 1
-        fixed_features = self.pyramid(fixed, depth)
-        moving_features = self.pyramid(moving, depth)
+        fixed_features = self.pyramid(fixed, depth, keep=self.flow_levels)
+        moving_features = self.pyramid(moving, depth, keep=self.flow_levels)
 
         field = context = None
         levels = []
         for level in self.flow_levels:
-            f, m = fixed_features[level], moving_features[level]
+            f, m = fixed_features[level].float(), moving_features[level].float()
+            fixed_features[level] = moving_features[level] = None  # each level's features are read once
             if field is None:
                 inputs = [self._matching(f, m), f]
             else:
                 field = upsample_field(field, 2)
                 context = self.context_upsamplers[str(level)](context)
                 inputs = [self._matching(f, self.feature_warp(m, field)), f, field, context]
-            increment, context = self.estimators[str(level)](torch.cat(inputs, dim=1))
+            del f, m
+            inputs = _cat_channels_last(inputs)  # one tensor: the first dense layer reads it at full width
+            increment, context = self.estimators[str(level)](inputs)
+            del inputs
+            increment = increment.float().contiguous()
             field = increment if field is None else field + increment
             if level == self.flow_levels[-1]:
-                field = self.refiner(context, field)
+                field = self.refiner(context, field).float().contiguous()
             levels.append(field)
 
         ddf = upsample_field(field, 2 ** (self.flow_levels[-1] + 1))[..., : shape[0], : shape[1], : shape[2]]
-        return (ddf, levels) if return_levels else ddf
+        return ddf, levels
 
     def _matching(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         if self.correlation is None:
