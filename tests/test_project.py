@@ -36,7 +36,16 @@ def test_shared_ops_imports_without_torchvision_or_method_packages():
 def test_demo_runs_and_writes_its_outputs(tmp_path):
     """The demo end to end, on a smaller grid and one epoch (``make demo`` uses 64^3 and 15 epochs)."""
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--grid", "32", "--epochs", "1", "--stain-iterations", "2"],
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "demo.py"),
+            "--grid",
+            "32",
+            "--epochs",
+            "1",
+            "--stain-iterations",
+            "2",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
