@@ -34,7 +34,7 @@ def _to_device(engine, value: torch.Tensor) -> torch.Tensor:
 
 
 def _with_meta(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``value`` as a MetaTensor carrying the geometry of ``like`` (the fixed image), on the CPU side."""
+    """``value`` as a MetaTensor carrying the metadata and applied transforms of ``like`` (for ``Invertd``)."""
     if isinstance(like, MetaTensor):
         return MetaTensor(value, meta=like.meta, applied_operations=like.applied_operations)
     return value
