@@ -51,21 +51,56 @@ def upsample_field(ddf: torch.Tensor, factor: int) -> torch.Tensor:
     return factor * F.interpolate(ddf, scale_factor=factor, mode="trilinear", align_corners=True)
 
 
-@functools.cache
-def _onednn_fused_ops() -> bool:
-    """Whether this torch build has oneDNN's fused convolution ops (convolution + activation or + sum)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Call oneDNN's fused ops for a convolution of ``x``: float32 on CPU, no autograd, no autocast."""
+def _fast_inference(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether ``module`` may run its CPU inference path on ``x``: float32, no autograd, no autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not _needs_autograd(x, module)
+    )
+
+
+def _onednn_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
-        and _onednn_fused_ops()
+        and torch.backends.mkldnn.is_available()
     )
+
+
+def _cpu_conv3d(x, weight, bias, stride, padding, dilation):
+    """``F.conv3d`` through oneDNN whatever the size: PyTorch sends small batch-1 inputs (fewer than 20480
+    values in their first four dimensions) to a slower im2col loop, e.g. dense-block outputs at 8^3."""
+    padding = [padding] * 3 if isinstance(padding, int) else list(padding)
+    return torch.mkldnn_convolution(x, weight, bias, padding, list(stride), list(dilation), 1)
+
+
+def _conv_sum(
+    inputs: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    slope: float | None,
+) -> torch.Tensor:
+    """``leaky_relu(conv3d(torch.cat(inputs, dim=1), weight, bias, ...), slope)``, one convolution per input."""
+    weights = torch.split(weight, [x.shape[1] for x in inputs], dim=1) if len(inputs) > 1 else (weight,)
+    conv = _cpu_conv3d if _onednn_float32(inputs[0], weight) else F.conv3d
+    out = None
+    for x, w in zip(inputs, weights, strict=True):
+        part = conv(x, w, bias if out is None else None, stride, padding, dilation)
+        out = part if out is None else out.add_(part)
+    if slope is None:
+        return out
+    # in place where autograd allows it: LeakyReLU differentiates from its output for positive slopes
+    return F.leaky_relu_(out, slope) if slope > 0 or not torch.is_grad_enabled() else F.leaky_relu(out, slope)
 
 
 def conv3d_pieces(inputs: Sequence[torch.Tensor], conv: nn.Conv3d, slope: float | None = None) -> torch.Tensor:
@@ -74,9 +109,8 @@ def conv3d_pieces(inputs: Sequence[torch.Tensor], conv: nn.Conv3d, slope: float 
     A convolution of channel-concatenated inputs is the sum of the convolutions of each input with its
     slice of the weight's input channels, so dense blocks keep every output as its own tensor: nothing is
     copied as the block grows, and autograd stores each output once instead of in every concatenation.
-    Under ``torch.no_grad`` on CPU in float32 the sum is accumulated in place by oneDNN (convolution with
-    a fused sum) and a single input gets the activation fused too. The activation runs in place on the
-    sum, also under autograd (LeakyReLU with a positive slope differentiates from its output).
+    The sum is accumulated in place, and the activation runs in place on it, also under autograd
+    (LeakyReLU with a positive slope differentiates from its output).
 
     Args:
         inputs: tensors (B, C_i, D, H, W) with ``sum(C_i) == conv.in_channels``, best channels-last.
@@ -84,47 +118,259 @@ def conv3d_pieces(inputs: Sequence[torch.Tensor], conv: nn.Conv3d, slope: float 
         slope: LeakyReLU negative slope, ``None`` for no activation.
 
     Returns:
-        (B, conv.out_channels, D', H', W'), in the memory format oneDNN / cuDNN chose (channels-last for
-        channels-last inputs).
+        (B, conv.out_channels, D', H', W'), channels-last for channels-last inputs.
     """
-    weight, bias = conv.weight, conv.bias
+    _check_pieces(inputs, conv)
+    return _conv_sum(inputs, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, slope)
+
+
+def _check_pieces(inputs: Sequence[torch.Tensor], conv: nn.Conv3d) -> None:
     sizes = [x.shape[1] for x in inputs]
-    if sum(sizes) != weight.shape[1] or conv.groups != 1 or conv.padding_mode != "zeros":
+    if sum(sizes) != conv.in_channels or conv.groups != 1 or conv.padding_mode != "zeros":
         raise ValueError(
             f"inputs with {sizes} channels do not match {conv} (needs groups 1, zero padding, "
-            f"{weight.shape[1]} input channels)."
+            f"{conv.in_channels} input channels)."
         )
-    weights = torch.split(weight, sizes, dim=1) if len(inputs) > 1 else (weight,)
-    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), 1)
-    if _use_onednn(inputs[0], weight):
-        fused = len(inputs) == 1 and slope is not None
-        attr, scalars = ("leaky_relu", [slope]) if fused else ("none", [])
-        out = torch.ops.mkldnn._convolution_pointwise(inputs[0], weights[0], bias, *geometry, attr, scalars, "")
-        for x, w in zip(inputs[1:], weights[1:], strict=True):
-            torch.ops.mkldnn._convolution_pointwise_.binary(out, x, w, None, *geometry, "add", 1.0, None, [], None)
-        if slope is not None and not fused:
-            F.leaky_relu_(out, slope)
-        return out
-    out = None
-    for x, w in zip(inputs, weights, strict=True):
-        part = F.conv3d(x, w, bias if out is None else None, conv.stride, conv.padding, conv.dilation)
-        out = part if out is None else out.add_(part)
-    if slope is None:
-        return out
-    # in place where autograd allows it: LeakyReLU differentiates from its output for positive slopes
-    return F.leaky_relu_(out, slope) if slope > 0 or not torch.is_grad_enabled() else F.leaky_relu(out, slope)
 
 
 def _cat_channels_last(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.cat(tensors, dim=1)`` in channels-last memory format, whatever the inputs' formats."""
-    tensors = list(tensors)
+    if len(tensors) == 1:
+        return tensors[0].contiguous(memory_format=CHANNELS_LAST)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return torch.cat([t.contiguous(memory_format=CHANNELS_LAST) for t in tensors], dim=1)
-    first = tensors[0]
+    return _cat_padded(tensors, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU inference path: activations live in channels-last buffers with a zero border ("padded buffers"),
+# so that convolutions read them with no padding of their own and no copy, and the 3x3x3 convolutions
+# of the dense blocks and the refiner run as Winograd convolutions.
+
+
+def _padded_empty(like: torch.Tensor, channels: int, size: Sequence[int], pad: int) -> torch.Tensor:
+    """A channels-last buffer (B, channels, *(size + 2 pad)) whose border of width ``pad`` is zero."""
+    shape = (like.shape[0], channels, *(s + 2 * pad for s in size))
+    out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CHANNELS_LAST)
+    if pad:
+        for dim in (2, 3, 4):
+            out.narrow(dim, 0, pad).zero_()
+            out.narrow(dim, out.shape[dim] - pad, pad).zero_()
+    return out
+
+
+def _interior(buffer: torch.Tensor, pad: int) -> torch.Tensor:
+    """The view of a padded buffer without its border."""
+    if not pad:
+        return buffer
+    return buffer[:, :, pad:-pad, pad:-pad, pad:-pad]
+
+
+def _cat_padded(tensors: Sequence[torch.Tensor], pad: int) -> torch.Tensor:
+    """``torch.cat(tensors, dim=1)`` into a padded buffer with a zero border of width ``pad`` (no autograd)."""
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    shape = (first.shape[0], sum(t.shape[1] for t in tensors), *first.shape[2:])
-    out = torch.empty(shape, dtype=dtype, device=first.device, memory_format=CHANNELS_LAST)
-    return torch.cat(tensors, dim=1, out=out)
+    out = _padded_empty(tensors[0].to(dtype), sum(t.shape[1] for t in tensors), tensors[0].shape[2:], pad)
+    inner, start = _interior(out, pad), 0
+    for t in tensors:
+        inner[:, start : start + t.shape[1]].copy_(t)
+        start += t.shape[1]
+    return out
+
+
+# Winograd F(4x4x4, 3x3x3) at the points (0, 1, -1, 2, -1/2, inf): each 4^3 output tile of a 3x3x3
+# convolution is A^T [(G w G^T) * (B^T x B)] A over the 6^3 input tile x, so the convolution becomes 216
+# independent matrix products (tiles x input channels) @ (input channels x output channels) with 8x
+# fewer multiplications than the direct convolution, plus the transforms. These points keep the
+# float32 error within a few times that of the direct convolution (about 5e-6 of the output's range,
+# against 4e-5 for the usual points 0, +-1, +-2). The transforms below are B^T and A^T along the first
+# dimension of their arguments, written out; G is applied to the weights by a matrix product.
+_WINOGRAD_G = (
+    (1.0, 0.0, 0.0),
+    (-1 / 3, -1 / 3, -1 / 3),
+    (1 / 3, -1 / 3, 1 / 3),
+    (1 / 15, 2 / 15, 4 / 15),
+    (-16 / 15, 8 / 15, -4 / 15),
+    (0.0, 0.0, 1.0),
+)
+# the transformed element at point (1, 1, 1) reaches every output of a tile with weight 1: the bias goes there
+_WINOGRAD_ONES = 43
+# bytes of input-transform scratch per block: the transforms work on blocks of tile rows that stay in cache
+_WINOGRAD_BLOCK_BYTES = 16 << 20
+# tiles per batched matrix product: enough rows for the products to run near full speed
+_WINOGRAD_SLAB_TILES = 256
+# input channels per transform and product: bounds the transformed tiles to 216 x 256 x 128 floats (28 MB)
+_WINOGRAD_CHUNK = 128
+
+
+def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3, 3) -> the transformed weights (216, C_in, C_out)."""
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64)
+    kron = torch.kron(torch.kron(g, g), g).to(weight)  # (216, 27)
+    c_out, c_in = weight.shape[:2]
+    return (kron @ weight.reshape(c_out * c_in, 27).T).view(216, c_out, c_in).transpose(1, 2).contiguous()
+
+
+def _input_transform(x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = sum_m B^T[i, m] x[m]`` along the first dimension (size 6) of the views ``x`` and ``out``."""
+    x0, x1, x2, x3, x4, x5 = x.unbind(0)
+    p, q = torch.sub(x1, x3), torch.sub(x4, x2)
+    torch.add(q, p, alpha=-0.5, out=out[3])
+    torch.add(q, p, alpha=2, out=out[4])
+    t = torch.sub(x0, x2)
+    torch.add(t, q, out=out[0]).add_(p, alpha=1.5)
+    torch.add(x5, p, out=out[5]).sub_(x3).add_(q, alpha=-1.5)
+    torch.add(x2, x3, out=t)
+    torch.sub(q, p, out=out[1]).add_(t, alpha=-1.5)
+    torch.sub(x3, x2, out=t)
+    torch.add(q, p, out=out[2]).add_(t, alpha=-1.5)
+
+
+def _output_transform(m: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[j] = sum_a A^T[j, a] m[a]`` along the first dimension (6 -> 4) of the views ``m`` and ``out``."""
+    m0, m1, m2, m3, m4, m5 = m.unbind(0)
+    s, d = torch.add(m1, m2), torch.sub(m1, m2)
+    torch.add(m0, s, out=out[0]).add_(m3).add_(m4)
+    torch.add(d, m3, alpha=2, out=out[1]).add_(m4, alpha=-0.5)
+    torch.add(s, m3, alpha=4, out=out[2]).add_(m4, alpha=0.25)
+    torch.add(d, m3, alpha=8, out=out[3]).add_(m4, alpha=-0.125).add_(m5)
+
+
+def _winograd_applicable(size: Sequence[int], conv: nn.Conv3d) -> bool:
+    """Whether a 'same' 3x3x3 convolution on a volume of ``size`` runs as Winograd convolution here."""
+    d = conv.dilation[0]
+    return (
+        conv.kernel_size == (3, 3, 3)
+        and conv.stride == (1, 1, 1)
+        and conv.dilation == (d, d, d)
+        and conv.padding == (d, d, d)
+        and all(s % (4 * d) == 0 for s in size)
+        and min(conv.in_channels, conv.out_channels) >= 16
+        and size[0] * size[1] * size[2] >= 16**3
+    )
+
+
+def _winograd_conv3d(
+    inputs: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dilation: int,
+    slope: float | None,
+    out_pad: int,
+) -> torch.Tensor:
+    """Winograd 'same' 3x3x3 convolution of padded buffers, then LeakyReLU; no autograd.
+
+    Args:
+        inputs: padded buffers (B, C_i, S + 2 dilation) whose border is zero, S divisible by 4 dilation;
+            their channel concatenation is the convolution's input.
+        weight, bias: (C_out, sum C_i, 3, 3, 3) and (C_out,) or None.
+        dilation: of the convolution (its padding is the same).
+        slope: LeakyReLU slope, or None.
+        out_pad: border width of the returned buffer.
+
+    Returns:
+        The padded buffer (B, C_out, S + 2 out_pad).
+
+    With dilation ``d`` an output tile is 4 voxels spaced by ``d`` along each axis: output index
+    ``o = q 4d + j d + r`` (tile ``q``, position ``j`` in the tile, residue ``r < d``). The work goes in
+    slabs of one tile row along D (4 planes of one residue); within a slab the input transform runs on
+    blocks of tile rows along H whose scratch stays in cache and writes the transformed tiles
+    ``V`` (216, tiles, C_in); one batched matrix product gives ``M = V @ U`` (216, tiles, C_out), whose
+    output transform writes the output planes.
+    """
+    first = inputs[0]
+    d = dilation
+    batch = first.shape[0]
+    size = [s - 2 * d for s in first.shape[2:]]
+    q_d, q_h, q_w = (s // (4 * d) for s in size)
+    c_in, c_out = weight.shape[1], weight.shape[0]
+    u = _winograd_weight(weight)
+    out = _padded_empty(first, c_out, size, out_pad)
+    per_row = q_h * d * q_w * d  # tiles in one tile row along D
+    rows_d = min(q_d, -(-_WINOGRAD_SLAB_TILES // per_row))  # tile rows along D per slab
+    # the input channels go through the transform and the products in chunks (split pieces)
+    chunks, start = [], 0
+    for x in inputs:
+        for c0 in range(0, x.shape[1], _WINOGRAD_CHUNK):
+            c = min(_WINOGRAD_CHUNK, x.shape[1] - c0)
+            chunks.append((x, c0, c, start))
+            start += c
+    v_all = first.new_empty(216 * rows_d * per_row * max(c for _, _, c, _ in chunks))
+    m = first.new_empty(216, rows_d * per_row, c_out)
+    row_bytes = 36 * rows_d * (size[2] + 2 * d) * min(max(c_in, c_out), _WINOGRAD_CHUNK) * first.element_size()
+    rows_h = max(1, min(q_h, _WINOGRAD_BLOCK_BYTES // row_bytes))  # tile rows along H per block
+    blocks = [(r_h, h0, min(rows_h, q_h - h0)) for r_h in range(d) for h0 in range(0, q_h, rows_h)]
+    for b in range(batch):
+        dst = _interior(out, out_pad)[b].permute(1, 2, 3, 0)  # (D, H, W, C_out) view
+        so = dst.stride()
+        for r_d in range(d):
+            for t_d in range(0, q_d, rows_d):
+                z0, r = t_d * 4 * d + r_d, min(rows_d, q_d - t_d)
+                mr = m[:, : r * per_row]
+                for x, c0, c, start in chunks:
+                    xv = x[b, c0 : c0 + c].permute(1, 2, 3, 0)  # (D, H, W, c) with the border
+                    sx, width = xv.stride(), xv.shape[2]
+                    v = v_all[: 216 * r * per_row * c].view(6, 6, 6, r, q_h, d, q_w, d, c)
+                    for r_h, h0, n in blocks:
+                        # stage D: (6, r tile rows, 4n + 2 rows of H spaced by d, W + 2d, c)
+                        src = xv[z0, h0 * 4 * d + r_h].as_strided(
+                            (6, r, 4 * n + 2, width, c), (d * sx[0], 4 * d * sx[0], d * sx[1], sx[2], sx[3])
+                        )
+                        s1 = x.new_empty(src.shape)
+                        _input_transform(src, s1)
+                        # stage H: tiles of 6 rows, step 4 -> (6_h, 6_d, r, n, W + 2d, c)
+                        t1 = s1.stride()
+                        src = s1.as_strided((6, 6, r, n, width, c), (t1[2], t1[0], t1[1], 4 * t1[2], t1[3], t1[4]))
+                        s2 = x.new_empty(src.shape)
+                        _input_transform(src, s2)
+                        # stage W: tiles of 6 columns spaced by d, step 4d, into
+                        # v[a_d, a_h, a_w, r, q_h, r_h, q_w, r_w, c]
+                        t2 = s2.stride()
+                        src = s2.as_strided(
+                            (6, 6, 6, r, n, q_w, d, c),
+                            (d * t2[4], t2[1], t2[0], t2[2], t2[3], 4 * d * t2[4], t2[4], t2[5]),
+                        )
+                        _input_transform(src, v[:, :, :, :, h0 : h0 + n, r_h].permute(2, 0, 1, 3, 4, 5, 6, 7))
+                    product = v.view(216, r * per_row, c), u[:, start : start + c]
+                    if start == 0:
+                        torch.bmm(*product, out=mr)
+                    else:
+                        mr.baddbmm_(*product)
+                if bias is not None:
+                    mr[_WINOGRAD_ONES].add_(bias)
+                mv = mr.view(6, 6, 6, r, q_h, d, q_w, d, c_out)
+                for r_h, h0, n in blocks:
+                    y1 = m.new_empty(4, 6, 6, r, n, q_w, d, c_out)  # (j_w, a_d, a_h, ...)
+                    _output_transform(mv[:, :, :, :, h0 : h0 + n, r_h].permute(2, 0, 1, 3, 4, 5, 6, 7), y1)
+                    y2 = m.new_empty(4, 4, 6, r, n, q_w, d, c_out)  # (j_h, j_w, a_d, ...)
+                    _output_transform(y1.permute(2, 0, 1, 3, 4, 5, 6, 7), y2)
+                    # (j_d, j_h, j_w, r, q_h, q_w, r_w, C) of output planes z0 + (4 t + j_d) d
+                    target = dst[z0, h0 * 4 * d + r_h].as_strided(
+                        (4, 4, 4, r, n, q_w, d, c_out),
+                        (d * so[0], d * so[1], d * so[2], 4 * d * so[0], 4 * d * so[1], 4 * d * so[2], so[2], so[3]),
+                    )
+                    _output_transform(y2.permute(2, 0, 1, 3, 4, 5, 6, 7), target)
+                    if slope is not None:
+                        F.leaky_relu_(target, slope)
+    return out
+
+
+def _conv_padded(inputs: Sequence[torch.Tensor], conv: nn.Conv3d, slope: float | None, out_pad: int) -> torch.Tensor:
+    """``leaky_relu(conv(cat(inputs)), slope)`` of padded buffers whose border is ``conv.padding``.
+
+    Returns a padded buffer with a zero border of width ``out_pad``: Winograd where it applies, else one
+    direct convolution per input (with no padding of its own: the border is the padding).
+    """
+    _check_pieces(inputs, conv)
+    pad = conv.padding[0]
+    size = [s - 2 * pad for s in inputs[0].shape[2:]]
+    if _winograd_applicable(size, conv):
+        return _winograd_conv3d(inputs, conv.weight, conv.bias, conv.dilation[0], slope, out_pad)
+    out = _conv_sum(inputs, conv.weight, conv.bias, conv.stride, 0, conv.dilation, slope)
+    if not out_pad:
+        return out
+    padded = _padded_empty(out, out.shape[1], out.shape[2:], out_pad)
+    _interior(padded, out_pad).copy_(out)
+    return padded
 
 
 def _native_low_precision(dtype: torch.dtype) -> bool:
@@ -198,9 +444,11 @@ class DenseFlowEstimator(nn.Module):
     """Densely connected 3x3x3 convs (each reads the input and every earlier output), then a 3-channel conv.
 
     ``forward(x)`` returns ``(field, context)``: the field (B, 3, ...) and the last hidden output. ``x`` is
-    the input (B, C, ...) or the list of tensors whose channel concatenation it is. No concatenation is
-    built inside: every layer sums the convolutions of the input and of each earlier output with the
-    matching slices of its weight (:func:`conv3d_pieces`).
+    the input (B, C, ...) or a list of tensors whose channel concatenation it is; such a list is emptied
+    once concatenated, so that the caller's list does not keep its tensors alive through the block. No
+    concatenation of the block's outputs is built: every layer sums the convolutions of the input and of
+    each earlier output with the matching slices of its weight (:func:`conv3d_pieces`). On CPU without
+    autograd the block runs on padded buffers and Winograd convolutions (:func:`_winograd_conv3d`).
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int] = (128, 128, 96, 64, 32), slope: float = 0.05):
@@ -217,7 +465,14 @@ class DenseFlowEstimator(nn.Module):
         return self.to_field.in_channels
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        pieces = [x] if isinstance(x, torch.Tensor) else list(x)
+        inputs = [x] if isinstance(x, torch.Tensor) else list(x)
+        if isinstance(x, list):
+            x.clear()
+        del x
+        if _fast_inference(inputs[0], self):
+            return self._forward_padded(inputs)
+        pieces = [_cat_channels_last(inputs)]  # one tensor: the first layer reads it at full width
+        del inputs
         out = pieces[0]
         for i, (conv, activation) in enumerate(self.layers):
             out = conv3d_pieces(pieces, conv, activation.negative_slope)
@@ -225,6 +480,19 @@ class DenseFlowEstimator(nn.Module):
                 pieces.append(out)
         del pieces  # the block's outputs are freed before the field conv, all but the context
         return conv3d_pieces([out], self.to_field), out
+
+    def _forward_padded(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU inference: the input and every output in padded buffers (border 1), read by Winograd convs."""
+        pad = self.layers[0][0].padding[0]
+        pieces = [_cat_padded(inputs, pad)]
+        inputs.clear()
+        out = pieces[0]
+        for i, (conv, activation) in enumerate(self.layers):
+            out = _conv_padded(pieces, conv, activation.negative_slope, pad)
+            if i < len(self.layers) - 1:
+                pieces.append(out)
+        del pieces
+        return _conv_padded([out], self.to_field, None, 0), _interior(out, pad)
 
 
 class DilatedRefiner(nn.Module):
@@ -252,12 +520,23 @@ class DilatedRefiner(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, context: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-        x = _cat_channels_last([context, field])
         modules = list(self.net)
-        for i, conv in enumerate(modules):
-            if isinstance(conv, nn.Conv3d):
-                activation = modules[i + 1] if i + 1 < len(modules) else None
-                x = conv3d_pieces([x], conv, activation.negative_slope if activation is not None else None)
+        layers = [
+            (conv, modules[i + 1].negative_slope if i + 1 < len(modules) else None)
+            for i, conv in enumerate(modules)
+            if isinstance(conv, nn.Conv3d)
+        ]
+        if _fast_inference(context, self):
+            # CPU inference: each conv reads a buffer padded by its own dilation and writes one padded by
+            # the next conv's
+            pads = [conv.padding[0] for conv, _ in layers] + [0]
+            x = _cat_padded([context, field], pads[0])
+            for (conv, slope), pad in zip(layers, pads[1:], strict=True):
+                x = _conv_padded([x], conv, slope, pad)
+            return field + x
+        x = _cat_channels_last([context, field])
+        for conv, slope in layers:
+            x = conv3d_pieces([x], conv, slope)
         return field + x
 
 
@@ -364,12 +643,13 @@ class RRN(nn.Module):
                 inputs = [self._matching(f, m), f]
             else:
                 field = upsample_field(field, 2)
-                context = self.context_upsamplers[str(level)](context)
-                inputs = [self._matching(f, self.feature_warp(m, field)), f, field, context]
+                inputs = [self._matching(f, self.feature_warp(m, field)), f, field]
+                inputs.append(self.context_upsamplers[str(level)](context))
+            # the estimator empties the list: the inputs, the coarser context and the level's features are
+            # freed as soon as they are concatenated
             del f, m
-            inputs = _cat_channels_last(inputs)  # one tensor: the first dense layer reads it at full width
+            context = None
             increment, context = self.estimators[str(level)](inputs)
-            del inputs
             increment = increment.float().contiguous()
             field = increment if field is None else field + increment
             if level == self.flow_levels[-1]:
@@ -382,7 +662,10 @@ class RRN(nn.Module):
     def _matching(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         if self.correlation is None:
             return torch.cat([fixed, moving], dim=1)
-        return self.cost_activation(self.correlation(fixed, moving))
+        cost = self.correlation(fixed, moving)
+        if _needs_autograd(cost, self):
+            return self.cost_activation(cost)
+        return F.leaky_relu_(cost, self.cost_activation.negative_slope)
 
     def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
         if moving.ndim != 5 or fixed.ndim != 5:
