@@ -38,6 +38,14 @@ through to MONAI's own readers, so one datalist can mix DIR-Lab and NIfTI / DICO
   ``value = raw + intensity_offset``); ``intensity_offset=0`` keeps the stored values. The images are not
   part of the shared test data, so check once on yours that air peaks near -1000 HU.
 
+Displacement fields
+-------------------
+:func:`write_displacement_field` / :func:`read_displacement_field` handle ITK displacement-field images: a
+3-component vector per voxel, the displacement ``d(p)`` in LPS mm of the transform ``p -> p + d(p)`` from
+the field's (fixed) space to the moving space; ITK's ``DisplacementFieldTransform``, elastix / transformix
+and 3D Slicer read them as such. In memory the field is ``(I, J, K, 3)`` (component = LPS axis) with the
+grid's voxel -> RAS affine.
+
 Writing
 -------
 :func:`write_image` writes NIfTI (``.nii``, ``.nii.gz``), MHA (``.mha``) or NRRD (``.nrrd``) through ITK,
@@ -69,6 +77,8 @@ __all__ = [
     "dirlab_affine",
     "dirlab_geometry",
     "read_ct",
+    "read_displacement_field",
+    "write_displacement_field",
     "write_image",
 ]
 
@@ -360,7 +370,44 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None, member: Path
             warnings.warn(f"{folder}: {len(uids)} DICOM series ({counts}); reading {uid}.", stacklevel=3)
     chosen_files = files[uid]
     image = itk.imread(chosen_files if len(chosen_files) > 1 else chosen_files[0])
+    if len(chosen_files) > 1:
+        _set_slice_geometry(image, chosen_files)
     return image, uid, len(chosen_files)
+
+
+def _slice_position(path: str) -> np.ndarray:
+    """ImagePositionPatient (LPS mm) of one DICOM file, read from its header only."""
+    import itk
+
+    io = itk.GDCMImageIO.New()
+    io.SetFileName(path)
+    io.ReadImageInformation()
+    return np.array([io.GetOrigin(axis) for axis in range(3)], dtype=np.float64)
+
+
+def _set_slice_geometry(image, files: Sequence[str]) -> None:
+    """Make the slice axis of a series read by ITK follow the files' own slice positions.
+
+    ITK stacks the files in the order GDCM sorted them and takes the origin from the first, but builds
+    the slice direction from the orientation and spacing tags; a negative SpacingBetweenSlices (POPI's
+    4D-CT has -2.0) turns that direction around, putting every slice on the wrong side of the first. The
+    vector from the first to the last slice position is the truth: slice ``k`` lies at ``first + k (last -
+    first) / (n - 1)``.
+    """
+    import itk
+
+    first, last = _slice_position(files[0]), _slice_position(files[-1])
+    step = (last - first) / (len(files) - 1)
+    spacing_k = float(np.linalg.norm(step))
+    if spacing_k == 0:
+        return
+    direction = np.array(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
+    direction[:, 2] = step / spacing_k
+    spacing = list(image.GetSpacing())
+    spacing[2] = spacing_k
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
+    image.SetSpacing(spacing)
+    image.SetOrigin([float(v) for v in first])
 
 
 def _geometry_from_affine(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -529,3 +576,57 @@ def write_image(
         itk.imwrite(itk_image, str(tmp), compression=compress)
 
     atomic_write(path, write)
+
+
+def write_displacement_field(
+    path: str | os.PathLike, vectors: torch.Tensor | np.ndarray, affine, compress: bool = True
+) -> None:
+    """Write ``vectors (I, J, K, 3)`` (LPS mm) as an ITK displacement-field image, atomically.
+
+    ``affine`` is the voxel -> RAS affine of the field's grid; NIfTI, MHA or NRRD by the suffix.
+    """
+    import itk
+
+    path = Path(path)
+    if not path.name.lower().endswith(WRITE_SUFFIXES):
+        raise ValueError(f"{path}: unsupported suffix; write one of {', '.join(WRITE_SUFFIXES)}.")
+    data = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors)
+    if data.ndim != 4 or data.shape[-1] != 3:
+        raise ValueError(f"{path}: expected displacement vectors (I, J, K, 3), got shape {data.shape}.")
+    spacing, origin, direction = _geometry_from_affine(np.asarray(torch.as_tensor(affine, dtype=torch.float64)))
+    image = itk.image_from_array(np.ascontiguousarray(data.astype(np.float32).transpose(2, 1, 0, 3)), is_vector=True)
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetOrigin([float(v) for v in origin])
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
+    atomic_write(path, lambda tmp: itk.imwrite(image, str(tmp), compression=compress))
+
+
+def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read an ITK displacement field: ``(vectors (I, J, K, 3) float32 LPS mm, affine (4, 4) voxel -> RAS)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a 3-D image with 3 components per voxel (naming the file).
+    """
+    import itk
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such displacement field file.")
+    try:
+        image = itk.imread(str(path))
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(f"{path}: ITK cannot read this file ({str(error).strip().splitlines()[-1]}).") from None
+    dimension, components = image.GetImageDimension(), image.GetNumberOfComponentsPerPixel()
+    if dimension != 3 or components != 3:
+        raise ValueError(
+            f"{path}: expected a displacement field (a 3-D image with 3 components per voxel), got a "
+            f"{dimension}-D image with {components} component(s) per voxel."
+        )
+    array = np.asarray(itk.array_from_image(image), dtype=np.float32).transpose(2, 1, 0, 3)
+    direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
+    lps = np.eye(4)
+    lps[:3, :3] = direction @ np.diag(np.asarray(image.GetSpacing(), dtype=np.float64))
+    lps[:3, 3] = np.asarray(image.GetOrigin(), dtype=np.float64)
+    affine = orientation_ras_lps(lps)
+    return torch.from_numpy(np.ascontiguousarray(array)), torch.as_tensor(affine, dtype=torch.float64)

@@ -76,6 +76,20 @@ def test_popi_series_geometry(popi):
     np.testing.assert_allclose(np.abs(direction), np.eye(3), atol=1e-6)  # axial slices
 
 
+def test_popi_slices_lie_at_their_file_positions(popi):
+    """Slice k is where its file says (ImagePositionPatient), whatever SpacingBetweenSlices claims (-2 here):
+    the volume runs from the abdomen (z = -164.5 mm) up to the shoulders (z = +115.5 mm)."""
+    affine = popi.affine.numpy()
+    for k in (0, 70, 140):
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(str(require_data(f"{POPI}/00-slice{140 - k:03d}.dcm")))
+        io.ReadImageInformation()
+        position = np.array([io.GetOrigin(axis) for axis in range(3)])
+        lps = np.diag([-1.0, -1.0, 1.0]) @ (affine @ [0.0, 0.0, k, 1.0])[:3]
+        np.testing.assert_allclose(lps, position, atol=1e-4, err_msg=f"slice {k}")
+    assert popi.meta["direction"][2][2] == pytest.approx(1.0)
+
+
 def test_popi_values_are_hounsfield_units(popi):
     # the slices store unsigned integers with intercept -1024: negative values prove the rescale was applied
     io = itk.GDCMImageIO.New()

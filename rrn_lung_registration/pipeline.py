@@ -1,0 +1,480 @@
+"""Registering one pair of real lung CT scans, end to end, with outputs in the fixed image's physical space.
+
+Data flow (:class:`LungRegistration`)::
+
+    fixed, moving CT (HU, any geometry)
+      -> lung masks (:func:`~rrn_lung_registration.lung_mask.lung_mask`)
+      -> pre-alignment A, rigid then affine (:func:`~rrn_lung_registration.prealign.prealign`)
+      -> network grid: the fixed lung box (+ margin) sampled at ``grid_size`` (256^3 by default);
+         fixed on it, moving through A, both clipped to the HU window and scaled to [0, 1]
+      -> displacement u on the grid: the RRN (trained weights), then optional instance optimisation
+         (:mod:`~rrn_lung_registration.instance`); without weights, instance optimisation from zero
+      -> transform phi(x) = A(x + U(x)) (:class:`~rrn_lung_registration.transform.RegistrationTransform`)
+
+and :func:`write_outputs` writes, on the fixed image's own grid and geometry:
+
+=============================  =====================================================================
+``warped_moving.nii.gz``       the moving image resampled through phi (float32 HU)
+``displacement_field.nii.gz``  ITK displacement field ``phi(p) - p``, LPS mm, 3 components per voxel
+                               (ITK / elastix / 3D Slicer apply it as a ``DisplacementFieldTransform``)
+``jacobian_determinant.nii.gz`` ``det D phi`` (<= 0 is folding)
+``fixed_lung_mask.nii.gz``     the lung mask the registration used (uint8)
+``prealign.tfm``               the pre-alignment A as an ITK ``AffineTransform`` (LPS)
+``overview.png``               a coronal slice: fixed, moving, warped, differences, |phi - id|, Jacobian
+``registration.json``          settings, timings, Jacobian statistics and folding in the lungs, TRE
+``warped_landmarks.csv``       phi(fixed landmarks), LPS mm (with landmarks)
+``tre_per_landmark.csv``       TRE per landmark: before, after pre-alignment, after (sub-voxel, snapped)
+``tre_summary.json``           mean, std, p95, max of each
+=============================  =====================================================================
+
+Everything is written to a hidden staging folder inside the output folder and moved into place only
+when all files are complete, so a failed or interrupted run leaves no partial set behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from rrn_lung_registration.ct_io import read_ct, read_displacement_field, write_displacement_field, write_image
+from rrn_lung_registration.instance import finetune_network, optimise_field
+from rrn_lung_registration.landmarks import LPS_TO_RAS, summarize_errors, write_landmarks_csv
+from rrn_lung_registration.losses import RegistrationLoss
+from rrn_lung_registration.lung_mask import axial_axis_from_affine, check_ct_intensities, lung_bounding_box, lung_mask
+from rrn_lung_registration.overview import save_overview
+from rrn_lung_registration.prealign import PrealignSettings, prealign, window_hu
+from rrn_lung_registration.spatial import Grid, sample_voxels, sample_world
+from rrn_lung_registration.transform import RegistrationTransform
+
+__all__ = [
+    "LungRegistration",
+    "RegistrationResult",
+    "RegistrationSettings",
+    "apply_displacement_field",
+    "landmark_report",
+    "register_files",
+    "write_outputs",
+]
+
+_LPS = np.asarray(LPS_TO_RAS, dtype=np.float64)
+
+
+@dataclass
+class RegistrationSettings:
+    """Every choice of :class:`LungRegistration`, paper values by default.
+
+    Attributes:
+        grid_size: network grid, one size or ``(I, J, K)``; each a multiple of 16 for the RRN.
+        margin_mm: margin around the fixed lung box that the grid covers.
+        hu_window: HU clipped and scaled to ``[0, 1]`` for the network and the losses.
+        prealign: ``"affine"`` (rigid, then affine), ``"rigid"`` or ``"none"``.
+        prealign_iterations: Adam steps per pre-alignment level and stage.
+        weights: trained RRN weights (a state dict, or a bundle checkpoint holding ``"network"``); ``None``
+            registers by instance optimisation alone.
+        network: keyword arguments of :class:`~rrn_lung_registration.networks.RRN` (must match the weights).
+        instance_steps: instance-optimisation steps per level; ``None`` means 100 without weights and 0
+            (the network's field as is) with weights.
+        instance_mode: ``"field"`` optimises the field itself (from the network's field when there are
+            weights); ``"network"`` fine-tunes the network's weights on the pair (needs weights).
+        instance_factors: image block-averaging factors of the field-optimisation levels, coarse to fine.
+        loss: the registration loss preset of the network fine-tuning (``"paper"`` or ``"released_code"``).
+        field_loss: keyword arguments of the field optimisation's
+            :class:`~rrn_lung_registration.losses.RegistrationLoss`.
+        fill_hu: value of points mapped outside the moving image (air).
+        device: ``"cpu"``, ``"cuda"``...; ``None`` picks CUDA when available.
+    """
+
+    grid_size: int | Sequence[int] = 256
+    margin_mm: float = 10.0
+    hu_window: tuple[float, float] = (-1000.0, -100.0)
+    prealign: Literal["affine", "rigid", "none"] = "affine"
+    prealign_iterations: int = 60
+    weights: str | None = None
+    network: dict = field(default_factory=dict)
+    instance_steps: int | None = None
+    instance_mode: Literal["field", "network"] = "field"
+    instance_factors: Sequence[int] = (4, 2)
+    loss: str = "paper"
+    field_loss: dict = field(default_factory=lambda: {"window": 5, "penalty": "l2", "weight": 1.0})
+    fill_hu: float = -1000.0
+    device: str | None = None
+
+    def grid_shape(self) -> tuple[int, int, int]:
+        size = self.grid_size
+        shape = (int(size),) * 3 if isinstance(size, int | float) else tuple(int(s) for s in size)
+        if len(shape) != 3 or min(shape) < 8:
+            raise ValueError(f"grid_size must be one size or three sizes of at least 8, got {size!r}.")
+        return shape
+
+
+@dataclass
+class RegistrationResult:
+    """What :meth:`LungRegistration.register` found.
+
+    Attributes:
+        transform: fixed RAS mm -> moving RAS mm.
+        fixed_mask, moving_mask: lung masks ``(I, J, K)`` bool on each image's grid.
+        grid_images: ``fixed``, ``moving`` (no pre-alignment), ``warped`` on the network grid, in HU.
+        timings: seconds per stage.
+    """
+
+    transform: RegistrationTransform
+    fixed_mask: np.ndarray
+    moving_mask: np.ndarray
+    grid_images: dict[str, torch.Tensor]
+    timings: dict[str, float]
+
+
+def _source(image: torch.Tensor, default: str) -> str:
+    meta = getattr(image, "meta", None) or {}
+    name = meta.get("filename_or_obj")
+    return str(name) if name else default
+
+
+def _check_image(image: torch.Tensor, default: str) -> str:
+    source = _source(image, default)
+    if not isinstance(image, MetaTensor):
+        raise ValueError(f"{source}: expected a MetaTensor with its affine (read it with ct_io.read_ct).")
+    if image.ndim != 3:
+        raise ValueError(f"{source}: expected a 3-D volume (I, J, K), got shape {tuple(image.shape)}.")
+    check_ct_intensities(image, source)
+    return source
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
+class LungRegistration:
+    """Register a moving CT to a fixed CT: ``LungRegistration(settings).register(fixed, moving)``.
+
+    ``fixed`` and ``moving`` are ``MetaTensor (I, J, K)`` in HU, as :func:`~rrn_lung_registration.ct_io.read_ct`
+    gives them. By the DIR-Lab convention fixed is the inhale scan and moving the exhale scan.
+    """
+
+    def __init__(self, settings: RegistrationSettings | None = None) -> None:
+        self.settings = settings or RegistrationSettings()
+        if self.settings.instance_mode not in ("field", "network"):
+            raise ValueError(f"instance_mode must be 'field' or 'network', got {self.settings.instance_mode!r}.")
+        if self.settings.instance_mode == "network" and self.settings.weights is None:
+            raise ValueError("instance_mode 'network' fine-tunes trained weights: give weights=... too.")
+        device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        self.network = self._load_network() if self.settings.weights else None
+
+    def _load_network(self) -> torch.nn.Module:
+        from rrn_lung_registration.networks import RRN
+        from shared_ops.checkpoints import load_network_weights
+
+        network = load_network_weights(RRN(**self.settings.network), self.settings.weights)
+        return network.to(self.device).eval()
+
+    def register(self, fixed: MetaTensor, moving: MetaTensor) -> RegistrationResult:
+        settings, timings = self.settings, {}
+        fixed_source, moving_source = _check_image(fixed, "fixed"), _check_image(moving, "moving")
+        fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
+        with _timed(timings, "lung_masks"):
+            fixed_mask = self._mask(fixed, fixed_grid, fixed_source)
+            moving_mask = self._mask(moving, moving_grid, moving_source)
+        with _timed(timings, "prealign"):
+            prealign_settings = PrealignSettings(
+                mode=settings.prealign, iterations=settings.prealign_iterations, hu_window=settings.hu_window
+            )
+            matrix = prealign(
+                fixed.as_tensor(), fixed_grid.affine, moving.as_tensor(), moving_grid.affine,
+                torch.from_numpy(fixed_mask), torch.from_numpy(moving_mask), prealign_settings,
+            )  # fmt: skip
+        with _timed(timings, "resample"):
+            box = lung_bounding_box(fixed_mask, fixed_grid.spacing.tolist(), settings.margin_mm)
+            grid = fixed_grid.box([s.start for s in box], [s.stop for s in box], settings.grid_shape())
+            points = grid.points()
+            identity = RegistrationTransform(matrix, grid, torch.zeros(3, *grid.shape))
+            fixed_hu = sample_world(fixed.as_tensor(), fixed_grid.affine, points, fill=settings.fill_hu)
+            aligned_hu = sample_world(
+                moving.as_tensor(), moving_grid.affine, identity.map_points(points).float(), fill=settings.fill_hu
+            )
+        with _timed(timings, "deformable"):
+            ddf = self._displacement(fixed_hu, aligned_hu, timings)
+        transform = RegistrationTransform(matrix, grid, ddf)
+        with _timed(timings, "resample"):
+            moved = transform.map_points(points).float()
+            grid_images = {
+                "fixed": fixed_hu,
+                "moving": sample_world(moving.as_tensor(), moving_grid.affine, points, fill=settings.fill_hu),
+                "warped": sample_world(moving.as_tensor(), moving_grid.affine, moved, fill=settings.fill_hu),
+            }
+        return RegistrationResult(transform, fixed_mask, moving_mask, grid_images, timings)
+
+    def _mask(self, image: MetaTensor, grid: Grid, source: str) -> np.ndarray:
+        return lung_mask(
+            image.as_tensor().numpy(),
+            grid.spacing.tolist(),
+            axial_axis=axial_axis_from_affine(grid.affine.numpy()),
+            source=source,
+        )
+
+    def _scaled(self, hu: torch.Tensor) -> torch.Tensor:
+        return window_hu(hu, *self.settings.hu_window)[None, None].to(self.device)
+
+    def _displacement(self, fixed_hu: torch.Tensor, moving_hu: torch.Tensor, timings: dict) -> torch.Tensor:
+        """``u`` ``(3, *grid)`` in grid voxels registering the pre-aligned moving image to the fixed one."""
+        settings = self.settings
+        fixed, moving = self._scaled(fixed_hu), self._scaled(moving_hu)
+        steps = settings.instance_steps
+        if self.network is None:
+            steps = 100 if steps is None else steps
+            with _timed(timings, "instance_optimisation"):
+                return optimise_field(
+                    fixed, moving, None, RegistrationLoss(**settings.field_loss), steps, settings.instance_factors
+                )[0].cpu()
+        steps = 0 if steps is None else steps
+        with _timed(timings, "network"), torch.no_grad():
+            ddf = self.network(moving, fixed).float()
+        if steps and settings.instance_mode == "network":
+            import copy
+
+            with _timed(timings, "instance_optimisation"):
+                network = copy.deepcopy(self.network)
+                ddf = finetune_network(network, fixed, moving, RegistrationLoss.from_preset(settings.loss), steps)
+        elif steps:
+            with _timed(timings, "instance_optimisation"):
+                loss = RegistrationLoss(**settings.field_loss)
+                ddf = optimise_field(fixed, moving, ddf, loss, steps, settings.instance_factors)
+        return ddf[0].cpu()
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def landmark_report(
+    transform: RegistrationTransform,
+    fixed_points: np.ndarray,
+    moving_points: np.ndarray,
+    fixed_grid: Grid,
+    moving_grid: Grid,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """TRE per landmark (mm) and the warped fixed landmarks (LPS mm ``(N, 3)``).
+
+    Returns ``({"before", "prealign", "after", "after_snapped"}: (N,) arrays, warped (N, 3))``. Snapped
+    follows DIR-Lab practice: the fixed landmark is moved to its nearest fixed voxel before mapping and
+    the mapped point to its nearest moving voxel before measuring.
+    """
+    fixed_points = np.asarray(fixed_points, dtype=np.float64).reshape(-1, 3)
+    moving_points = np.asarray(moving_points, dtype=np.float64).reshape(-1, 3)
+    if fixed_points.shape != moving_points.shape:
+        raise ValueError(f"fixed and moving landmarks differ in number: {len(fixed_points)} vs {len(moving_points)}.")
+    warped = transform.map_points_lps(fixed_points)
+    errors = {
+        "before": np.linalg.norm(fixed_points - moving_points, axis=1),
+        "prealign": np.linalg.norm(transform.map_points_lps(fixed_points, deformable=False) - moving_points, axis=1),
+        "after": np.linalg.norm(warped - moving_points, axis=1),
+    }
+    snapped_start = _snap(fixed_points, fixed_grid)
+    snapped_end = _snap(transform.map_points_lps(snapped_start), moving_grid)
+    errors["after_snapped"] = np.linalg.norm(snapped_end - moving_points, axis=1)
+    return errors, warped
+
+
+def _snap(points_lps: np.ndarray, grid: Grid) -> np.ndarray:
+    """LPS points moved to the nearest voxel centre of ``grid``."""
+    ras = torch.from_numpy(points_lps @ _LPS)
+    return (grid.voxel_to_world(grid.world_to_voxel(ras).round()).numpy()) @ _LPS
+
+
+def _write_itk_affine(path: Path, matrix: torch.Tensor) -> None:
+    """The RAS world affine ``matrix`` as an ITK ``AffineTransform`` file (LPS, fixed -> moving points)."""
+    import itk
+
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps = flip @ matrix.numpy() @ flip
+    transform = itk.AffineTransform[itk.D, 3].New()
+    transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3])))
+    transform.SetTranslation([float(v) for v in lps[:3, 3]])
+    itk.transformwrite([transform], str(path))
+
+
+def _warp_on(moving: MetaTensor, transform: RegistrationTransform, grid: Grid, fill: float) -> torch.Tensor:
+    out = torch.empty(grid.shape, dtype=torch.float32)
+    for k0, k1 in grid.slabs():
+        moved = transform.map_points(grid.points(torch.float64, (k0, k1))).float()
+        out[:, :, k0:k1] = sample_world(moving.as_tensor(), moving.affine, moved, fill=fill)
+    return out
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _grid_displacement_voxels(transform: RegistrationTransform) -> np.ndarray:
+    """``phi - id`` on the network grid, in grid voxels ``(3, *grid)``, for the overview."""
+    grid = transform.grid
+    points = grid.points(torch.float64)
+    voxels = grid.world_to_voxel(transform.map_points(points))
+    return torch.movedim(voxels - grid.voxels(torch.float64), -1, 0).float().numpy()
+
+
+def write_outputs(
+    result: RegistrationResult,
+    fixed: MetaTensor,
+    moving: MetaTensor,
+    output: str | os.PathLike,
+    fixed_landmarks: np.ndarray | None = None,
+    moving_landmarks: np.ndarray | None = None,
+    settings: RegistrationSettings | None = None,
+) -> dict[str, Path]:
+    """Write the outputs listed in the module notes into ``output``; returns ``{name: path}``.
+
+    Landmarks are ``(N, 3)`` LPS mm (as :func:`~rrn_lung_registration.landmarks.read_landmarks` gives).
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
+    transform = result.transform
+    summary: dict = {"settings": asdict(settings) if settings else None, "timings_s": dict(result.timings)}
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=output))
+    try:
+        files: dict[str, str] = {}
+
+        def target(name: str) -> Path:
+            files[name] = name
+            return staging / name
+
+        start = time.perf_counter()
+        warped = _warp_on(moving, transform, fixed_grid, settings.fill_hu if settings else -1000.0)
+        write_image(target("warped_moving.nii.gz"), warped, fixed_grid.affine)
+        write_displacement_field(
+            target("displacement_field.nii.gz"), transform.itk_displacement(fixed_grid), fixed_grid.affine
+        )
+        write_image(target("jacobian_determinant.nii.gz"), transform.jacobian_on(fixed_grid), fixed_grid.affine)
+        write_image(target("fixed_lung_mask.nii.gz"), result.fixed_mask.astype(np.uint8), fixed_grid.affine)
+        _write_itk_affine(target("prealign.tfm"), transform.prealign)
+        summary["jacobian"] = _jacobian_summary(transform, result.fixed_mask, fixed_grid)
+        images = result.grid_images
+        save_overview(
+            target("overview.png"),
+            images["fixed"].numpy(), images["moving"].numpy(), images["warped"].numpy(),
+            _grid_displacement_voxels(transform), spacing=transform.grid.spacing.tolist(), axis=1,
+        )  # fmt: skip
+        if fixed_landmarks is not None and moving_landmarks is not None:
+            errors, warped_points = landmark_report(
+                transform, fixed_landmarks, moving_landmarks, fixed_grid, moving_grid
+            )
+            write_landmarks_csv(target("warped_landmarks.csv"), warped_points)
+            names = list(errors)
+            rows = [[i, *(f"{errors[n][i]:.4f}" for n in names)] for i in range(len(warped_points))]
+            _write_csv(target("tre_per_landmark.csv"), ["landmark", *(f"tre_{n}_mm" for n in names)], rows)
+            summary["tre_mm"] = {name: summarize_errors(values) for name, values in errors.items()}
+            (target("tre_summary.json")).write_text(json.dumps(summary["tre_mm"], indent=2) + "\n")
+        summary["timings_s"]["outputs"] = round(time.perf_counter() - start, 3)
+        report = target("registration.json")
+        summary["files"] = sorted(files)
+        report.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        for name in files:
+            os.replace(staging / name, output / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: output / name for name in files}
+
+
+def _jacobian_summary(transform: RegistrationTransform, fixed_mask: np.ndarray, fixed_grid: Grid) -> dict:
+    """Statistics of ``det D phi`` on the network grid, over the whole grid and inside the fixed lungs."""
+    jacobian = transform.jacobian_on_grid()
+    grid = transform.grid
+    voxels = fixed_grid.world_to_voxel(grid.points(torch.float64)).float()
+    in_lung = sample_voxels(torch.from_numpy(fixed_mask).float(), voxels, fill=0.0, mode="nearest") > 0.5
+    lung = jacobian[in_lung]
+    return {
+        "min": float(jacobian.min()),
+        "max": float(jacobian.max()),
+        "mean_in_lungs": float(lung.mean()) if lung.numel() else None,
+        "folding_percent": float((jacobian <= 0).float().mean() * 100),
+        "folding_percent_in_lungs": float((lung <= 0).float().mean() * 100) if lung.numel() else None,
+    }
+
+
+def register_files(
+    fixed: str | os.PathLike,
+    moving: str | os.PathLike,
+    output: str | os.PathLike,
+    fixed_landmarks: str | os.PathLike | None = None,
+    moving_landmarks: str | os.PathLike | None = None,
+    settings: RegistrationSettings | None = None,
+) -> dict:
+    """Read a pair of CT files (and landmark files), register, write the outputs; returns the summary.
+
+    Inputs are anything :func:`~rrn_lung_registration.ct_io.read_ct` reads and landmarks anything
+    :func:`~rrn_lung_registration.landmarks.read_landmarks` reads (voxel formats refer to the images given).
+    Everything is read and checked before the registration starts.
+    """
+    from rrn_lung_registration.landmarks import read_landmark_pair
+
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise ValueError("give both fixed_landmarks and moving_landmarks, or neither.")
+    settings = settings or RegistrationSettings()
+    fixed_image, moving_image = read_ct(fixed), read_ct(moving)
+    points = None
+    if fixed_landmarks is not None:
+        points = read_landmark_pair(fixed_landmarks, moving_landmarks, fixed_image, moving_image)
+    registration = LungRegistration(settings)
+    result = registration.register(fixed_image, moving_image)
+    write_outputs(result, fixed_image, moving_image, output, *(points or (None, None)), settings=settings)
+    return json.loads((Path(output) / "registration.json").read_text())
+
+
+def apply_displacement_field(
+    image: str | os.PathLike,
+    field: str | os.PathLike,
+    output: str | os.PathLike,
+    fill_hu: float = -1000.0,
+    max_outside: float = 0.5,
+) -> Path:
+    """Resample ``image`` through an ITK displacement ``field`` onto the field's grid; write ``output``.
+
+    The output voxel at point ``p`` reads ``image`` at ``p + d(p)`` (trilinear; ``fill_hu`` outside), as
+    ITK's resampler does with a ``DisplacementFieldTransform``: with ``register``'s outputs, the moving
+    image and ``displacement_field.nii.gz`` give ``warped_moving.nii.gz`` again.
+
+    Raises:
+        ValueError: the field is not a displacement field, or more than ``max_outside`` of its points map
+            outside the image (the field belongs to another image), naming both files.
+    """
+    moving = read_ct(image)
+    vectors, affine = read_displacement_field(field)
+    grid = Grid(vectors.shape[:3], affine)
+    values = torch.empty(grid.shape, dtype=torch.float32)
+    outside = 0
+    lps = torch.as_tensor(_LPS)
+    moving_grid = Grid.of(moving)
+    for k0, k1 in grid.slabs():
+        points = grid.points(torch.float64, (k0, k1)) + vectors[:, :, k0:k1].to(torch.float64) @ lps
+        voxels = moving_grid.world_to_voxel(points)
+        size = torch.tensor(moving_grid.shape, dtype=torch.float64)
+        outside += int((~((voxels >= -0.5) & (voxels <= size - 0.5)).all(dim=-1)).sum())
+        values[:, :, k0:k1] = sample_voxels(moving.as_tensor(), voxels.float(), fill=fill_hu)
+    fraction = outside / values.numel()
+    if fraction > max_outside:
+        raise ValueError(
+            f"{field} does not match {image}: {fraction:.0%} of the field's points map outside the image "
+            "(a field maps its own grid into the moving image it was computed for)."
+        )
+    write_image(output, values, affine)
+    return Path(output)
