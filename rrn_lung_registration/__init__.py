@@ -1,9 +1,18 @@
 """The Recursive Refinement Network for exhale-to-inhale lung CT registration, as a library.
 
-Submodules: ``networks`` (RRN, VoxelMorph baseline), ``losses``, ``warp``, ``fields`` (Jacobian),
-``ct_io`` (CT readers and writers, DIR-Lab raw files), ``data`` (datalists and checks), ``landmarks``
-(files, world/voxel conversion, TRE), ``engines`` (MONAI trainer / evaluator), ``metrics``, ``overview``
-(PNG) and ``phantom`` (synthetic breathing-lung pairs).
+Submodules:
+
+* the method: ``networks`` (RRN, VoxelMorph baseline), ``losses``, ``warp``, ``fields`` (Jacobian),
+  ``engines`` (MONAI trainer / evaluator), ``metrics``;
+* data: ``ct_io`` (CT readers and writers, DIR-Lab raw files, displacement fields), ``data`` (datalists and
+  checks), ``landmarks`` (files, world/voxel conversion, TRE), ``lung_mask`` (automatic lung masks, lung
+  crop), ``phantom`` (synthetic breathing-lung pairs), ``synthetic`` (synthetic breathing pairs from a real
+  CT);
+* registering real scans: ``spatial`` (world-space sampling, grids), ``prealign`` (rigid / affine),
+  ``instance`` (instance optimisation), ``transform`` (the physical-space transform), ``pipeline`` (the
+  whole registration of a pair and its outputs; ``python -m rrn_lung_registration register``), ``overview``
+  (PNG).
+
 Bundle configs import this package and reach everything as ``rrn_lung_registration.<submodule>.<name>``.
 """
 
@@ -12,12 +21,19 @@ from rrn_lung_registration import (
     data,
     engines,
     fields,
+    instance,
     landmarks,
     losses,
+    lung_mask,
     metrics,
     networks,
     overview,
     phantom,
+    pipeline,
+    prealign,
+    spatial,
+    synthetic,
+    transform,
     warp,
 )
 
@@ -26,11 +42,18 @@ __all__ = [
     "data",
     "engines",
     "fields",
+    "instance",
     "landmarks",
     "losses",
+    "lung_mask",
     "metrics",
     "networks",
     "overview",
     "phantom",
+    "pipeline",
+    "prealign",
+    "spatial",
+    "synthetic",
+    "transform",
     "warp",
 ]

@@ -51,6 +51,7 @@ from monai.data import MetaTensor
 
 from rrn_lung_registration.ct_io import read_ct, read_displacement_field, write_displacement_field, write_image
 from rrn_lung_registration.instance import finetune_network, optimise_field
+from rrn_lung_registration.io_utils import atomic_write
 from rrn_lung_registration.landmarks import LPS_TO_RAS, summarize_errors, write_landmarks_csv
 from rrn_lung_registration.losses import RegistrationLoss
 from rrn_lung_registration.lung_mask import axial_axis_from_affine, check_ct_intensities, lung_bounding_box, lung_mask
@@ -65,6 +66,7 @@ __all__ = [
     "RegistrationSettings",
     "apply_displacement_field",
     "landmark_report",
+    "register_datalist",
     "register_files",
     "write_outputs",
 ]
@@ -478,3 +480,55 @@ def apply_displacement_field(
         )
     write_image(output, values, affine)
     return Path(output)
+
+
+def _pair_name(pair: dict, index: int, taken: set[str]) -> str:
+    """The output folder name of a datalist pair: its ``name``, else its moving file's stem, made unique."""
+    name = str(pair.get("name") or Path(str(pair["moving"])).name.split(".")[0] or f"pair_{index}")
+    unique, suffix = name, 1
+    while unique in taken:
+        suffix += 1
+        unique = f"{name}_{suffix}"
+    taken.add(unique)
+    return unique
+
+
+def register_datalist(
+    pairs: Sequence[dict], output_dir: str | os.PathLike, settings: RegistrationSettings | None = None
+) -> list[dict]:
+    """Register every pair of a datalist (``fixed``, ``moving``, optional ``fixed_landmarks`` /
+    ``moving_landmarks``, optional ``name``) into ``output_dir/<name>/``, as :func:`register_files` does.
+
+    Also writes ``output_dir/summary.csv`` (one row per pair: mean TRE before / after pre-alignment / after,
+    folding in the lungs, seconds) and returns the rows. A pair whose folder already holds a
+    ``registration.json`` is read back instead of registered again, so an interrupted run resumes.
+    """
+    output_dir = Path(output_dir)
+    rows, taken = [], set()
+    for index, pair in enumerate(pairs):
+        name = _pair_name(pair, index, taken)
+        folder = output_dir / name
+        report = folder / "registration.json"
+        if report.is_file():
+            summary = json.loads(report.read_text())
+        else:
+            summary = register_files(
+                pair["fixed"], pair["moving"], folder, pair.get("fixed_landmarks"), pair.get("moving_landmarks"),
+                settings,
+            )  # fmt: skip
+        tre = summary.get("tre_mm", {})
+        rows.append(
+            {
+                "pair": name,
+                "tre_before_mm": tre.get("before", {}).get("mean"),
+                "tre_prealign_mm": tre.get("prealign", {}).get("mean"),
+                "tre_after_mm": tre.get("after", {}).get("mean"),
+                "tre_after_snapped_mm": tre.get("after_snapped", {}).get("mean"),
+                "folding_percent_in_lungs": summary["jacobian"]["folding_percent_in_lungs"],
+                "seconds": round(sum(summary["timings_s"].values()), 1),
+            }
+        )
+    header = list(rows[0]) if rows else ["pair"]
+    table = [[row[key] if row[key] is not None else "" for key in header] for row in rows]
+    atomic_write(output_dir / "summary.csv", lambda tmp: _write_csv(tmp, header, table))
+    return rows
