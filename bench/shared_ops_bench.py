@@ -2,17 +2,17 @@
 
     python -m bench.shared_ops_bench [--device cpu|cuda] [--repeats N]
 
-Correlation: forward and forward+backward at the three pyramid levels a 256^3 registration uses
-(64^3 x 32, 32^3 x 64, 16^3 x 96 channels, r = 2, batch 1). "fast" is what users get by default (the
-native C kernels where they build, see ``shared_ops._native``; the row says which ran) and "torch" the
-PyTorch implementation, forced with ``SHARED_OPS_NATIVE=0`` around each call. RoIAlign: 64 boxes on (8, 512, 16, 16)
-features (the RoI discriminator: 48 px boxes, 3x3 output, scale 1/16) and 512 boxes on (8, 256, 64, 64)
-(boxes of 16-128 px, 7x7 output, scale 1/4). Every time is a median over repeats taken side by side in
-one process, once with the default allocator and once with glibc told to keep freed memory ("warm
-allocator": large temporaries then reuse pages instead of faulting them in afresh, which is much of the
-loop reference's cost by default); every peak memory is taken in a fresh process per variant. The
-targets: speed-up (default allocator) on every row, memory ratio on forward rows. Results go to
-``bench/results/shared_ops_<device>.{json,md}``.
+Correlation: forward and forward+backward at the three pyramid levels a 256^3 registration uses (64^3 x
+32, 32^3 x 64, 16^3 x 96 channels, r = 2, batch 1). For both layers "fast" is what users get by default
+(the native C kernels where they build, see ``shared_ops._native``; the row says which ran) and "torch"
+the PyTorch implementation, forced with ``SHARED_OPS_NATIVE=0`` around each call. RoIAlign: 64 boxes on
+(8, 512, 16, 16) features (the RoI discriminator: 48 px boxes, 3x3 output, scale 1/16) and 512 boxes on
+(8, 256, 64, 64) (boxes of 16-128 px, 7x7 output, scale 1/4). Every time is a median over repeats taken
+side by side in one process, once with the default allocator and once with glibc told to keep freed
+memory ("warm allocator": large temporaries then reuse pages instead of faulting them in afresh, which
+is much of the loop reference's cost by default); every peak memory is taken in a fresh process per
+variant. The targets: speed-up (default allocator) on every row, memory ratio on forward rows. Results
+go to ``bench/results/shared_ops_<device>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _correlation_variants(case: str, device: torch.device) -> dict[str, Callable
 
 @contextlib.contextmanager
 def _native_disabled() -> Iterator[None]:
-    """Run the correlation layer on its PyTorch implementation (the switch is read at every call)."""
+    """Run the layers on their PyTorch implementation (the switch is read at every call)."""
     before = os.environ.get(_native.ENV_ENABLE)
     os.environ[_native.ENV_ENABLE] = "0"
     try:
@@ -89,12 +89,15 @@ def _native_disabled() -> Iterator[None]:
             os.environ[_native.ENV_ENABLE] = before
 
 
-def _correlation_fast_implementation(device: torch.device) -> str:
-    """Which implementation the correlation layer's default ("fast") runs on ``device`` in float32."""
+NATIVE_KERNELS = {"correlation": _native.correlation_kernels, "roi_align": _native.roi_align_kernels}
+
+
+def _fast_implementation(op: str, device: torch.device) -> str:
+    """Which implementation the default ("fast") of layer ``op`` runs on ``device`` in float32."""
     if device.type != "cpu":
         return "torch"
-    if _native.correlation_kernels() is None:
-        return f"torch (native unavailable: {_native.load_error('correlation')})"
+    if NATIVE_KERNELS[op]() is None:
+        return f"torch (native unavailable: {_native.load_error(op)})"
     return "native"
 
 
@@ -112,9 +115,15 @@ def _roi_variants(case: str, device: torch.device) -> dict[str, Callable[[bool],
     index = torch.randint(0, n, (spec["boxes"], 1), generator=gen).float()
     rois = torch.cat([index, corner, corner + sizes], dim=1).to(device)
     args = (spec["out"], spec["out"]), spec["scale"], -1, False
+
+    def torch_path(grad: bool) -> torch.Tensor:
+        with _native_disabled():  # forward and backward both
+            return _call(lambda x: roi_align(x, rois, *args), (feature,), grad)
+
     variants = {
         "loop": lambda grad: _call(lambda x: roi_align_loop(x, rois, *args), (feature,), grad),
         "fast": lambda grad: _call(lambda x: roi_align(x, rois, *args), (feature,), grad),
+        "torch": torch_path,
     }
     tv = _torchvision_roi_align()
     if tv is not None:
@@ -168,8 +177,9 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, device, args.repeats)))
         return
 
-    fast_impl = _correlation_fast_implementation(device)
-    print(f"correlation fast implementation: {fast_impl}", flush=True)
+    fast_impl = {op: _fast_implementation(op, device) for op in CASES}
+    for op, impl in fast_impl.items():
+        print(f"{op} fast implementation: {impl}", flush=True)
     rows = []
     for op, cases in CASES.items():
         for case in cases:
@@ -186,8 +196,7 @@ def main() -> None:
                 row["speedup"] = times["loop"] / times["fast"]
                 if "torch" in times:
                     row["torch_speedup"] = times["loop"] / times["torch"]
-                if op == "correlation":
-                    row["fast_impl"] = fast_impl
+                row["fast_impl"] = fast_impl[op]
                 warm = _in_worker(args, op, case, mode, "time", WARM_ALLOCATOR)
                 for name in names:
                     row[f"warm_{name}_s"] = warm[name]
@@ -207,7 +216,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "repeats": args.repeats,
         "targets": TARGETS,
-        "correlation_fast_implementation": fast_impl,
+        **{f"{op}_fast_implementation": impl for op, impl in fast_impl.items()},
         "rows": rows,
     }
     columns = [

@@ -3,7 +3,9 @@
 The C sources ship next to this file (package data). The first call that needs a kernel compiles its
 source with the system C compiler into a shared library in a per-user cache directory and loads it; later
 calls, and later processes, reuse that library. Nothing is compiled at install time and there is no
-build dependency beyond a C compiler at run time.
+build dependency beyond a C compiler at run time. Sources: ``correlation.c`` (the 3-D local cost
+correlation, :class:`CorrelationKernels`) and ``roi_align.c`` (RoIAlign, :class:`RoIAlignKernels`), one
+library each.
 
 Where the library lives: ``$SHARED_OPS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/monai-rrn-roigan/native``,
 else ``~/.cache/monai-rrn-roigan/native``. Its file name carries a hash of the source, the compiler (its
@@ -21,8 +23,8 @@ with PyTorch's Linux wheels, so the process keeps a single OpenMP runtime.
 
 Switches: ``SHARED_OPS_NATIVE=0`` (or ``false``, ``no``, ``off``) disables the native kernels, read at
 every call; the layers then run their PyTorch implementation. When no compiler is found or every build
-fails, one :class:`RuntimeWarning` says so and the layers fall back the same way for the rest of the
-process; the compiler's output is logged at debug level on the ``shared_ops._native`` logger.
+fails, one :class:`RuntimeWarning` per library says so and the layers fall back the same way for the rest
+of the process; the compiler's output is logged at debug level on the ``shared_ops._native`` logger.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ __all__ = [
     "ENV_ENABLE",
     "CorrelationKernels",
     "NativeBuildError",
+    "RoIAlignKernels",
     "build_library",
     "cache_dir",
     "correlation_kernels",
     "enabled",
     "load_error",
+    "roi_align_kernels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -311,3 +315,132 @@ def correlation_kernels() -> CorrelationKernels | None:
     if not enabled():
         return None
     return _load("correlation", CorrelationKernels)
+
+
+# --------------------------------------------------------------------------------------------------
+# RoIAlign (roi_align.c).
+
+_ROI_ALIGN_ABI = 1
+# Multiply-adds assumed per pooled value when choosing the thread count (a bin of a few samples).
+_ROI_WORK_PER_VALUE = 16
+_ROI_STATUS = {
+    1: (MemoryError, "native RoIAlign kernel could not allocate its per-thread buffers."),
+    2: (ValueError, "native RoIAlign kernel: a box has a batch index outside [0, N)."),
+}
+
+
+class RoIAlignKernels:
+    """ctypes bindings of ``roi_align.c``: RoIAlign and its gradient with respect to the feature map.
+
+    Feature maps are ``(N, C, H, W)`` and pooled values ``(K, C, PH, PW)``, one dtype (float32 or float64,
+    see :attr:`DTYPES`), contiguous and on the CPU; ``rois`` is a contiguous float64 CPU ``Tensor[K, 5]`` of
+    ``(batch index, x1, y1, x2, y2)`` whose batch indices are integers in ``[0, N)``. Outputs are new
+    tensors. The kernels run on ``torch.get_num_threads()`` threads (fewer on small problems) and release
+    the GIL while they run.
+    """
+
+    DTYPES = tuple(_SUFFIX)
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        version = library.roi_abi_version()
+        if version != _ROI_ALIGN_ABI:
+            raise NativeBuildError(f"roi_align library has interface version {version}, expected {_ROI_ALIGN_ABI}")
+        ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._forward, self._backward = {}, {}
+        for dtype, suffix in _SUFFIX.items():
+            for table, name in ((self._forward, "roi_forward"), (self._backward, "roi_backward")):
+                kernel = getattr(library, f"{name}_{suffix}")
+                kernel.argtypes = [ptr] * 3 + [i64] * 7 + [ctypes.c_double, i64, c_int, c_int]
+                kernel.restype = c_int
+                table[dtype] = kernel
+        self.threaded = bool(library.roi_has_openmp())
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        rois: torch.Tensor,
+        output_size: tuple[int, int],
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool,
+    ) -> torch.Tensor:
+        """RoIAlign of ``input (N, C, H, W)`` over ``rois (K, 5)``: ``(K, C, PH, PW)``."""
+        _check_roi_operands(rois, input)
+        pooled_h, pooled_w = output_size
+        out = input.new_empty(rois.shape[0], input.shape[1], pooled_h, pooled_w)  # the kernel writes every value
+        if out.numel():
+            status = self._forward[input.dtype](
+                input.data_ptr(),
+                rois.data_ptr(),
+                out.data_ptr(),
+                *input.shape,
+                rois.shape[0],
+                pooled_h,
+                pooled_w,
+                spatial_scale,
+                sampling_ratio,
+                int(aligned),
+                _num_threads(out.numel() * _ROI_WORK_PER_VALUE),
+            )
+            _check_roi_status(status)
+        return out
+
+    def backward(
+        self,
+        grad_out: torch.Tensor,
+        rois: torch.Tensor,
+        input_shape: tuple[int, int, int, int],
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool,
+    ) -> torch.Tensor:
+        """Gradient ``(N, C, H, W)`` of :meth:`forward` for ``grad_out (K, C, PH, PW)`` (its adjoint)."""
+        _check_roi_operands(rois, grad_out)
+        if grad_out.ndim != 4 or grad_out.shape[:2] != (rois.shape[0], input_shape[1]):
+            raise ValueError(
+                f"grad_out: expected ({rois.shape[0]}, {input_shape[1]}, PH, PW), got {tuple(grad_out.shape)}."
+            )
+        grad_input = grad_out.new_empty(input_shape)  # the kernel writes every value
+        if grad_input.numel():
+            status = self._backward[grad_out.dtype](
+                grad_out.data_ptr(),
+                rois.data_ptr(),
+                grad_input.data_ptr(),
+                *input_shape,
+                rois.shape[0],
+                *grad_out.shape[2:],
+                spatial_scale,
+                sampling_ratio,
+                int(aligned),
+                _num_threads(max(grad_out.numel() * _ROI_WORK_PER_VALUE, grad_input.numel())),
+            )
+            _check_roi_status(status)
+        return grad_input
+
+
+def _check_roi_operands(rois: torch.Tensor, features: torch.Tensor) -> None:
+    if features.device.type != "cpu" or features.dtype not in _SUFFIX or not features.is_contiguous():
+        raise ValueError(
+            "native RoIAlign kernels need a contiguous CPU tensor of float32 or float64; got "
+            f"{features.dtype} on {features.device}, contiguous={features.is_contiguous()}."
+        )
+    if rois.device.type != "cpu" or rois.dtype != torch.float64 or not rois.is_contiguous() or rois.ndim != 2:
+        raise ValueError(
+            "native RoIAlign kernels need boxes as a contiguous float64 CPU Tensor[K, 5]; got "
+            f"{rois.dtype} {tuple(rois.shape)} on {rois.device}, contiguous={rois.is_contiguous()}."
+        )
+    if rois.shape[1] != 5:
+        raise ValueError(f"rois: expected a Tensor[K, 5], got shape {tuple(rois.shape)}.")
+
+
+def _check_roi_status(status: int) -> None:
+    if status != 0:
+        error, message = _ROI_STATUS.get(status, (RuntimeError, f"native RoIAlign kernel failed (status {status})."))
+        raise error(message)
+
+
+def roi_align_kernels() -> RoIAlignKernels | None:
+    """The RoIAlign kernels, or None when disabled (``SHARED_OPS_NATIVE=0``) or not buildable here."""
+    if not enabled():
+        return None
+    return _load("roi_align", RoIAlignKernels)
