@@ -4,6 +4,8 @@
 that registers ``moving`` to ``fixed`` (``warp(moving, ddf) ~= fixed``; axis convention in
 :mod:`rrn_lung_registration.warp`). Inputs are (B, 1, D, H, W) of any size: they are padded at the far
 end of each axis (edge values) to a multiple of ``size_multiple`` and the field is cropped back.
+``RRN(pair)`` with one (B, 2, D, H, W) tensor (moving channel first, fixed last) is the same call, for
+MONAI tooling that feeds a network one input.
 
 Data flow, coarse to fine over the levels that estimate a field (``flow_levels``, level ``l`` has
 resolution ``1 / 2 ** (l + 1)`` of the input):
@@ -34,7 +36,15 @@ from torch import nn
 
 from shared_ops import LocalCostCorrelation3d
 
-__all__ = ["RRN", "FeaturePyramid", "DenseFlowEstimator", "DilatedRefiner", "conv3d_pieces", "upsample_field"]
+__all__ = [
+    "RRN",
+    "FeaturePyramid",
+    "DenseFlowEstimator",
+    "DilatedRefiner",
+    "conv3d_pieces",
+    "split_pair",
+    "upsample_field",
+]
 
 # Activations run channels-last ((B, D, H, W, C) in memory) through the network: oneDNN's CPU kernels then
 # read and write them in place, where channels-first tensors are reordered to a blocked layout and back
@@ -51,14 +61,26 @@ def upsample_field(ddf: torch.Tensor, factor: int) -> torch.Tensor:
     return factor * F.interpolate(ddf, scale_factor=factor, mode="trilinear", align_corners=True)
 
 
+def split_pair(pair: torch.Tensor, in_channels: int, name: str = "RRN") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(moving, fixed)`` from a (B, 2 C, D, H, W) pair, ``C = in_channels``: moving first, fixed last."""
+    if pair.ndim != 5 or pair.shape[1] != 2 * in_channels:
+        raise ValueError(
+            f"{name} called with one tensor expects the pair (B, {2 * in_channels}, D, H, W) (moving channels "
+            f"first, then fixed), got {tuple(pair.shape)}; or pass moving and fixed separately."
+        )
+    return pair[:, :in_channels], pair[:, in_channels:]
+
+
 def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def _fast_inference(x: torch.Tensor, module: nn.Module) -> bool:
-    """Whether ``module`` may run its CPU inference path on ``x``: float32, no autograd, no autocast."""
+    """Whether ``module`` may run its CPU inference path on ``x``: float32, no autograd, no autocast, and not
+    while ``torch.jit.trace`` records the network (the trace keeps the portable direct path)."""
     return (
         x.device.type == "cpu"
+        and not torch.jit.is_tracing()
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and not _needs_autograd(x, module)
@@ -68,6 +90,7 @@ def _fast_inference(x: torch.Tensor, module: nn.Module) -> bool:
 def _onednn_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
+        and not torch.jit.is_tracing()
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.is_available()
@@ -543,6 +566,9 @@ class DilatedRefiner(nn.Module):
 class RRN(nn.Module):
     """Recursive Refinement Network: ``forward(moving, fixed) -> ddf`` (B, 3, D, H, W) in voxels.
 
+    ``forward(pair)`` with one (B, 2 in_channels, D, H, W) tensor, moving channels first and fixed last,
+    is the same as ``forward(pair[:, :in_channels], pair[:, in_channels:])``.
+
     Args:
         in_channels: channels of each input image.
         pyramid_channels: feature widths of the pyramid levels, finest first.
@@ -584,6 +610,7 @@ class RRN(nn.Module):
             raise ValueError(f"flow_levels {flow_levels} must lie in [0, {len(pyramid_channels) - 1}].")
         if any(a - b != 1 for a, b in zip(flow_levels[:-1], flow_levels[1:], strict=True)):
             raise ValueError(f"flow_levels must be consecutive (each finer level doubles the grid), got {flow_levels}.")
+        self.in_channels = in_channels
         self.flow_levels = flow_levels
         self.pyramid = FeaturePyramid(in_channels, pyramid_channels, pyramid_slope)
         self.correlation = LocalCostCorrelation3d(radius, normalize) if use_cost_volume else None
@@ -610,15 +637,20 @@ class RRN(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(
-        self, moving: torch.Tensor, fixed: torch.Tensor, return_levels: bool = False
+        self, moving: torch.Tensor, fixed: torch.Tensor | None = None, return_levels: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Field registering ``moving`` to ``fixed``; with ``return_levels`` also the per-level fields.
 
         Args:
-            moving, fixed: (B, C, D, H, W), same shape.
+            moving, fixed: (B, C, D, H, W), same shape, ``C = in_channels``. With ``fixed=None``, ``moving``
+                is the pair as one (B, 2 C, D, H, W) tensor, moving image first (channels ``:C``), fixed image
+                last (channels ``C:``): the single 2-channel ``image`` input that the bundle metadata
+                declares for MONAI tooling (``verify_net_in_out``, ``ckpt_export``, MONAI Deploy).
             return_levels: also return the fields of every flow level, coarse to fine, each in voxels of
                 its own level's grid (B, 3, S' / 2^(l+1)) where S' is the padded input size.
         """
+        if fixed is None:
+            moving, fixed = split_pair(moving, self.in_channels, type(self).__name__)
         self._check_inputs(moving, fixed)
         with _cpu_precision(fixed):
             ddf, levels = self._fields(moving, fixed)
@@ -674,5 +706,7 @@ class RRN(nn.Module):
             )
         if moving.shape != fixed.shape:
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape.")
+        if torch.jit.is_tracing():  # a traced check would be a constant of the example input
+            return
         if not torch.isfinite(moving).all() or not torch.isfinite(fixed).all():
             raise ValueError("RRN inputs contain NaN or infinite values.")

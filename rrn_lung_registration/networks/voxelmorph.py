@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from monai.networks.nets import VoxelMorph
 from torch import nn
 
+from rrn_lung_registration.networks.rrn import split_pair
+
 __all__ = ["VoxelMorphBaseline"]
 
 
@@ -16,6 +18,8 @@ class VoxelMorphBaseline(nn.Module):
     Inputs of any size are padded at the far end of each axis (edge values) to a multiple of
     ``size_multiple`` (the U-Net's downsampling factor) and the field is cropped back. With the defaults
     (MONAI's VoxelMorph U-Net, 7 scaling-and-squaring steps) the network has 244,323 parameters.
+    ``forward(pair)`` with one (B, 2, D, H, W) tensor (channel 0 moving, channel 1 fixed) is the same as
+    ``forward(pair[:, :1], pair[:, 1:])``, as for :class:`~rrn_lung_registration.networks.RRN`.
 
     Args:
         integration_steps: scaling-and-squaring steps turning the predicted velocity into a displacement
@@ -29,7 +33,10 @@ class VoxelMorphBaseline(nn.Module):
         self.net = VoxelMorph(integration_steps=integration_steps, half_res=half_res)
         self.size_multiple = 2 * size_multiple if half_res else size_multiple
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Field (B, 3, D, H, W) registering ``moving`` to ``fixed`` (B, 1, D, H, W), or the pair (B, 2, D, H, W)."""
+        if fixed is None:
+            moving, fixed = split_pair(moving, 1, type(self).__name__)
         if moving.ndim != 5 or moving.shape != fixed.shape or moving.shape[1] != 1:
             raise ValueError(
                 "VoxelMorphBaseline expects moving and fixed of the same shape (B, 1, D, H, W), got "

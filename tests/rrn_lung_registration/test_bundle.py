@@ -1,4 +1,5 @@
-"""The RRN bundle through ``python -m monai.bundle``: training, resume, inference, evaluation, torchrun.
+"""The RRN bundle through ``python -m monai.bundle``: training, resume, inference, evaluation, torchrun,
+``verify_net_in_out`` and ``ckpt_export`` (TorchScript) on the metadata's two-channel ``image`` input.
 
 Every run uses the real configs with command-line overrides for a small grid and a narrow network, on
 phantom pairs written by the test.
@@ -17,7 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import verify_metadata
+from monai.bundle import ConfigParser, verify_metadata
+from monai.data import load_net_with_metadata
 
 from rrn_lung_registration.phantom import make_dataset
 from tests.bundle_cli import TIMEOUT, BundleCLI, run_checked, subprocess_env
@@ -178,3 +180,85 @@ def test_distributed_training_with_gloo(bundle_root, tmp_path):
     assert final["trainer"]["iteration"] == 1  # two training pairs shared by two ranks: one iteration each
     assert not any(key.startswith("module.") for key in final["network"])
     assert "val_mean_tre" in result.stdout + result.stderr
+
+
+def _bundle_script(script: str, *args: str) -> list[str]:
+    """``python -m monai.bundle <script> network_def`` on the inference config, the small grid and network."""
+    return [
+        sys.executable, "-m", "monai.bundle", script, "network_def",
+        "--meta_file", str(CONFIGS / "metadata.json"),
+        "--config_file", _config("inference"),
+        *args,
+        *SMALL,
+    ]  # fmt: skip
+
+
+def _narrow_network() -> torch.nn.Module:
+    """The inference config's ``network_def`` with the overrides of ``SMALL``."""
+    parser = ConfigParser()
+    parser.read_config(_config("inference"))
+    for key, value in zip(SMALL[::2], SMALL[1::2], strict=True):
+        parser[key.lstrip("-")] = json.loads(value)
+    return parser.get_parsed_content("network_def")
+
+
+def test_verify_net_in_out_feeds_the_two_channel_image(tmp_path):
+    spatial = f"[{GRID},{GRID},{GRID}]"  # the metadata's 256^3 grid is the bundle's, not needed here
+    command = _bundle_script(
+        "verify_net_in_out", "--device", "cpu", "--_meta_#network_data_format#inputs#image#spatial_shape", spatial
+    )
+    result = _run(command, tmp_path)
+    assert "data shape of network is verified with no error" in result.stdout + result.stderr
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_ckpt_export_traces_a_torchscript_model_of_the_trained_weights(trained, bundle_root, tmp_path):
+    exported = tmp_path / "model.ts"
+    checkpoint = bundle_root / "models" / "model.pt"
+    shape = f"[1,2,{GRID},{GRID},{GRID}]"
+    command = _bundle_script(
+        "ckpt_export", "--filepath", str(exported), "--ckpt_file", str(checkpoint),
+        "--use_trace", "True", "--input_shape", shape,
+    )  # fmt: skip
+    _run(command, tmp_path)
+
+    scripted, meta, _ = load_net_with_metadata(str(exported))
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 2
+    eager = _narrow_network().eval()
+    eager.load_state_dict(torch.load(checkpoint, weights_only=True))
+    pair = torch.rand(1, 2, GRID, GRID, GRID, generator=torch.Generator().manual_seed(3))  # not the traced input
+    with torch.no_grad():
+        expected = eager(pair[:, :1], pair[:, 1:])
+        got = scripted(pair)
+    assert got.shape == (1, 3, GRID, GRID, GRID)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_register_config_runs_the_physical_space_pipeline_over_the_datalist(trained, bundle_root):
+    """configs/register.json: lung masks, pre-alignment, the trained network (models/model.pt) and a few
+    instance-optimisation steps per pair, outputs on each fixed image's own grid, and a summary table."""
+    out = bundle_root / "registrations"
+    command = CLI.command(
+        _config("register"), bundle_root,
+        "--output_dir", str(out),
+        "--network_kwargs#pyramid_channels", "[8,8,16,16]",
+        "--network_kwargs#estimator_channels", "[16,16,16,16,8]",
+        "--network_kwargs#refiner_channels", "[16,16,16,16,16,8,3]",
+        "--settings#grid_size", str(GRID),
+        "--settings#prealign", "rigid",
+        "--settings#instance_steps", "2",
+    )  # fmt: skip
+    _run(command, bundle_root)
+    fixed = nib.load(bundle_root / "data" / "pair_002" / "fixed.nii.gz")
+    folder = out / "moving"  # named after the moving file when the pair has no "name"
+    field = nib.load(folder / "displacement_field.nii.gz")
+    assert field.shape[:3] == fixed.shape and np.allclose(field.affine, fixed.affine, atol=1e-4)
+    report = json.loads((folder / "registration.json").read_text())
+    assert report["settings"]["weights"].endswith("model.pt") and "network" in report["timings_s"]
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("pair,tre_before_mm") and len(rows) == 2
+    # a second run finds the finished pair and only rewrites the summary
+    before = (folder / "registration.json").stat().st_mtime_ns
+    _run(command, bundle_root)
+    assert (folder / "registration.json").stat().st_mtime_ns == before
