@@ -25,6 +25,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
+	$(PIP) install --quiet -e ".[bench]"
 	$(PY) -m bench.run_all
 
 bundles: install
