@@ -214,7 +214,7 @@ class LungRegistration:
         with _timed(timings, "deformable"):
             ddf = self._displacement(fixed_hu, aligned_hu, timings)
         transform = RegistrationTransform(matrix, grid, ddf)
-        with _timed(timings, "resample"):
+        with _timed(timings, "resample_for_overview"):
             moved = transform.map_points(points).float()
             grid_images = {
                 "fixed": fixed_hu,
