@@ -65,8 +65,8 @@ def optimise_field(
 
     Args:
         initial: starting field (a network's prediction), zero by default.
-        loss: the objective (default: the paper's LNCC + 0.01 TV, with the diffusion penalty
-            ``RegistrationLoss(penalty="l2", weight=1.0)`` where that suits better).
+        loss: the objective; default ``RegistrationLoss(window=5, penalty="l2", weight=1.0)``: 5^3 LNCC plus
+            the diffusion penalty.
         steps: Adam steps at each level.
         factors: image block-averaging factor of each level, coarse to fine; each divides the image size or
             the size is rounded down.

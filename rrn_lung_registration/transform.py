@@ -19,7 +19,7 @@ the moving image at ``p + d(p)``, with ``d = phi - id`` written in LPS component
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ class RegistrationTransform:
     prealign: torch.Tensor
     grid: Grid
     displacement: torch.Tensor
+
+    _jacobian: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.prealign = to_matrix(self.prealign)
@@ -95,8 +97,10 @@ class RegistrationTransform:
         ``det(I + grad U)`` in mm equals ``det(I + grad u)`` in grid voxels (similar matrices), so the
         network grid's own units suffice. Values <= 0 are folding.
         """
-        affine_det = float(torch.linalg.det(self.prealign[:3, :3]))
-        return torch.from_numpy(jacobian_determinant(self.displacement.numpy())).float() * affine_det
+        if self._jacobian is None:  # write_outputs asks twice (statistics and the map): compute it once
+            affine_det = float(torch.linalg.det(self.prealign[:3, :3]))
+            self._jacobian = torch.from_numpy(jacobian_determinant(self.displacement.numpy())).float() * affine_det
+        return self._jacobian
 
     def jacobian_on(self, grid: Grid) -> torch.Tensor:
         """The Jacobian determinant resampled on ``grid`` (trilinear, border values outside the lung box)."""
