@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Warp
 from torch import nn
 
-from shared_ops import LocalCostCorrelation3d
+from shared_ops import LocalCostCorrelation3d, _native
 
 __all__ = [
     "RRN",
@@ -220,7 +220,7 @@ _WINOGRAD_ONES = 43
 # bytes of input-transform scratch per block: the transforms work on blocks of tile rows that stay in cache
 _WINOGRAD_BLOCK_BYTES = 16 << 20
 # tiles per batched matrix product: enough rows for the products to run near full speed
-_WINOGRAD_SLAB_TILES = 256
+_WINOGRAD_SLAB_TILES = 128
 # input channels per transform and product: bounds the transformed tiles to 216 x 256 x 128 floats (28 MB)
 _WINOGRAD_CHUNK = 128
 
@@ -295,21 +295,24 @@ def _winograd_conv3d(
 
     With dilation ``d`` an output tile is 4 voxels spaced by ``d`` along each axis: output index
     ``o = q 4d + j d + r`` (tile ``q``, position ``j`` in the tile, residue ``r < d``). The work goes in
-    slabs of one tile row along D (4 planes of one residue); within a slab the input transform runs on
-    blocks of tile rows along H whose scratch stays in cache and writes the transformed tiles
-    ``V`` (216, tiles, C_in); one batched matrix product gives ``M = V @ U`` (216, tiles, C_out), whose
-    output transform writes the output planes.
+    slabs of tile rows along D (4 planes of one residue each): the input transform writes the slab's
+    transformed tiles ``V`` (216, tiles, C_in), one batched matrix product gives ``M = V @ U``
+    (216, tiles, C_out), and the output transform writes the output planes. The transforms run in C
+    (:class:`shared_ops._native.WinogradKernels`) where the native kernels are available, else as tensor
+    operations (:func:`_torch_input_slab`, :func:`_torch_output_slab`).
     """
     first = inputs[0]
     d = dilation
-    batch = first.shape[0]
     size = [s - 2 * d for s in first.shape[2:]]
     q_d, q_h, q_w = (s // (4 * d) for s in size)
-    c_in, c_out = weight.shape[1], weight.shape[0]
+    c_out = weight.shape[0]
     u = _winograd_weight(weight)
     out = _padded_empty(first, c_out, size, out_pad)
-    per_row = q_h * d * q_w * d  # tiles in one tile row along D
-    rows_d = min(q_d, -(-_WINOGRAD_SLAB_TILES // per_row))  # tile rows along D per slab
+    # a slab: rows_d tile rows along D of rows_h tile rows along H (every residue of each)
+    per_h = d * q_w * d  # tiles in one tile row along H
+    rows_h = min(q_h, max(1, _WINOGRAD_SLAB_TILES // per_h))
+    rows_d = 1 if rows_h < q_h else min(q_d, max(1, _WINOGRAD_SLAB_TILES // (q_h * per_h)))
+    per_row = rows_h * per_h  # tiles in one tile row along D of a slab
     # the input channels go through the transform and the products in chunks (split pieces)
     chunks, start = [], 0
     for x in inputs:
@@ -319,62 +322,104 @@ def _winograd_conv3d(
             start += c
     v_all = first.new_empty(216 * rows_d * per_row * max(c for _, _, c, _ in chunks))
     m = first.new_empty(216, rows_d * per_row, c_out)
-    row_bytes = 36 * rows_d * (size[2] + 2 * d) * min(max(c_in, c_out), _WINOGRAD_CHUNK) * first.element_size()
-    rows_h = max(1, min(q_h, _WINOGRAD_BLOCK_BYTES // row_bytes))  # tile rows along H per block
-    blocks = [(r_h, h0, min(rows_h, q_h - h0)) for r_h in range(d) for h0 in range(0, q_h, rows_h)]
-    for b in range(batch):
+    kernels = _native.winograd_kernels()
+    for b in range(first.shape[0]):
         dst = _interior(out, out_pad)[b].permute(1, 2, 3, 0)  # (D, H, W, C_out) view
-        so = dst.stride()
-        for r_d in range(d):
-            for t_d in range(0, q_d, rows_d):
-                z0, r = t_d * 4 * d + r_d, min(rows_d, q_d - t_d)
-                mr = m[:, : r * per_row]
-                for x, c0, c, start in chunks:
-                    xv = x[b, c0 : c0 + c].permute(1, 2, 3, 0)  # (D, H, W, c) with the border
-                    sx, width = xv.stride(), xv.shape[2]
-                    v = v_all[: 216 * r * per_row * c].view(6, 6, 6, r, q_h, d, q_w, d, c)
-                    for r_h, h0, n in blocks:
-                        # stage D: (6, r tile rows, 4n + 2 rows of H spaced by d, W + 2d, c)
-                        src = xv[z0, h0 * 4 * d + r_h].as_strided(
-                            (6, r, 4 * n + 2, width, c), (d * sx[0], 4 * d * sx[0], d * sx[1], sx[2], sx[3])
-                        )
-                        s1 = x.new_empty(src.shape)
-                        _input_transform(src, s1)
-                        # stage H: tiles of 6 rows, step 4 -> (6_h, 6_d, r, n, W + 2d, c)
-                        t1 = s1.stride()
-                        src = s1.as_strided((6, 6, r, n, width, c), (t1[2], t1[0], t1[1], 4 * t1[2], t1[3], t1[4]))
-                        s2 = x.new_empty(src.shape)
-                        _input_transform(src, s2)
-                        # stage W: tiles of 6 columns spaced by d, step 4d, into
-                        # v[a_d, a_h, a_w, r, q_h, r_h, q_w, r_w, c]
-                        t2 = s2.stride()
-                        src = s2.as_strided(
-                            (6, 6, 6, r, n, q_w, d, c),
-                            (d * t2[4], t2[1], t2[0], t2[2], t2[3], 4 * d * t2[4], t2[4], t2[5]),
-                        )
-                        _input_transform(src, v[:, :, :, :, h0 : h0 + n, r_h].permute(2, 0, 1, 3, 4, 5, 6, 7))
-                    product = v.view(216, r * per_row, c), u[:, start : start + c]
-                    if start == 0:
-                        torch.bmm(*product, out=mr)
-                    else:
-                        mr.baddbmm_(*product)
-                if bias is not None:
-                    mr[_WINOGRAD_ONES].add_(bias)
-                mv = mr.view(6, 6, 6, r, q_h, d, q_w, d, c_out)
-                for r_h, h0, n in blocks:
-                    y1 = m.new_empty(4, 6, 6, r, n, q_w, d, c_out)  # (j_w, a_d, a_h, ...)
-                    _output_transform(mv[:, :, :, :, h0 : h0 + n, r_h].permute(2, 0, 1, 3, 4, 5, 6, 7), y1)
-                    y2 = m.new_empty(4, 4, 6, r, n, q_w, d, c_out)  # (j_h, j_w, a_d, ...)
-                    _output_transform(y1.permute(2, 0, 1, 3, 4, 5, 6, 7), y2)
-                    # (j_d, j_h, j_w, r, q_h, q_w, r_w, C) of output planes z0 + (4 t + j_d) d
-                    target = dst[z0, h0 * 4 * d + r_h].as_strided(
-                        (4, 4, 4, r, n, q_w, d, c_out),
-                        (d * so[0], d * so[1], d * so[2], 4 * d * so[0], 4 * d * so[1], 4 * d * so[2], so[2], so[3]),
-                    )
-                    _output_transform(y2.permute(2, 0, 1, 3, 4, 5, 6, 7), target)
-                    if slope is not None:
-                        F.leaky_relu_(target, slope)
+        slabs = [
+            (t_d * 4 * d + r_d, min(rows_d, q_d - t_d), h0 * 4 * d, min(rows_h, q_h - h0))
+            for r_d in range(d)
+            for t_d in range(0, q_d, rows_d)
+            for h0 in range(0, q_h, rows_h)
+        ]
+        for z0, r, y0, n in slabs:  # first plane and row, tile rows along D and H
+            tiles = r * n * per_h
+            mr = m[:, :tiles]
+            for x, c0, c, start in chunks:
+                xv = x[b, c0 : c0 + c].permute(1, 2, 3, 0)[z0:, y0:]  # (D, H, W, c) from the slab's origin
+                v = v_all[: 216 * tiles * c].view(216, tiles, c)
+                if kernels is not None:
+                    kernels.input_transform(xv, v, n, q_w, d)
+                else:
+                    _torch_input_slab(xv, v, r, n, q_w, d)
+                if start == 0:
+                    torch.bmm(v, u[:, start : start + c], out=mr)
+                else:
+                    mr.baddbmm_(v, u[:, start : start + c])
+            if kernels is not None:
+                kernels.output_transform(mr, dst[z0:, y0:], n, q_w, d, bias, slope)
+            else:
+                _torch_output_slab(mr, dst[z0:, y0:], r, n, q_w, d, bias, slope)
     return out
+
+
+def _torch_input_slab(xv: torch.Tensor, v: torch.Tensor, r: int, q_h: int, q_w: int, d: int) -> None:
+    """The input transform of one slab as tensor operations (see :func:`_winograd_conv3d`).
+
+    ``xv`` (D, H, W, c) starts at the slab's first input plane; ``v`` (216, r * per_row, c) receives the
+    transformed tiles, ordered (row, q_h, r_h, q_w, r_w). Blocks of tile rows along H keep the scratch of
+    the three one-dimensional stages in cache.
+    """
+    c, width, sx = xv.shape[3], xv.shape[2], xv.stride()
+    v = v.view(6, 6, 6, r, q_h, d, q_w, d, c)
+    row_bytes = 36 * r * width * c * xv.element_size()
+    rows_h = max(1, min(q_h, _WINOGRAD_BLOCK_BYTES // row_bytes))
+    for r_h in range(d):
+        for h0 in range(0, q_h, rows_h):
+            n = min(rows_h, q_h - h0)
+            # stage D: (6, r tile rows, 4n + 2 rows of H spaced by d, W + 2d, c)
+            src = xv[0, h0 * 4 * d + r_h].as_strided(
+                (6, r, 4 * n + 2, width, c), (d * sx[0], 4 * d * sx[0], d * sx[1], sx[2], sx[3])
+            )
+            s1 = xv.new_empty(src.shape)
+            _input_transform(src, s1)
+            # stage H: tiles of 6 rows, step 4 -> (6_h, 6_d, r, n, W + 2d, c)
+            t1 = s1.stride()
+            src = s1.as_strided((6, 6, r, n, width, c), (t1[2], t1[0], t1[1], 4 * t1[2], t1[3], t1[4]))
+            s2 = xv.new_empty(src.shape)
+            _input_transform(src, s2)
+            # stage W: tiles of 6 columns spaced by d, step 4d, into v[a_d, a_h, a_w, r, q_h, r_h, q_w, r_w, c]
+            t2 = s2.stride()
+            src = s2.as_strided(
+                (6, 6, 6, r, n, q_w, d, c), (d * t2[4], t2[1], t2[0], t2[2], t2[3], 4 * d * t2[4], t2[4], t2[5])
+            )
+            _input_transform(src, v[:, :, :, :, h0 : h0 + n, r_h].permute(2, 0, 1, 3, 4, 5, 6, 7))
+
+
+def _torch_output_slab(
+    m: torch.Tensor,
+    dst: torch.Tensor,
+    r: int,
+    q_h: int,
+    q_w: int,
+    d: int,
+    bias: torch.Tensor | None,
+    slope: float | None,
+) -> None:
+    """The output transform of one slab as tensor operations, then bias and LeakyReLU.
+
+    ``m`` (216, r * per_row, C_out) holds the products; ``dst`` (D, H, W, C_out) starts at the slab's first
+    output plane.
+    """
+    c_out, so = m.shape[2], dst.stride()
+    if bias is not None:
+        m[_WINOGRAD_ONES].add_(bias)
+    mv = m.view(6, 6, 6, r, q_h, d, q_w, d, c_out)
+    rows_h = max(1, min(q_h, _WINOGRAD_BLOCK_BYTES // (36 * r * q_w * d * c_out * m.element_size())))
+    for r_h in range(d):
+        for h0 in range(0, q_h, rows_h):
+            n = min(rows_h, q_h - h0)
+            y1 = m.new_empty(4, 6, 6, r, n, q_w, d, c_out)  # (j_w, a_d, a_h, ...)
+            _output_transform(mv[:, :, :, :, h0 : h0 + n, r_h].permute(2, 0, 1, 3, 4, 5, 6, 7), y1)
+            y2 = m.new_empty(4, 4, 6, r, n, q_w, d, c_out)  # (j_h, j_w, a_d, ...)
+            _output_transform(y1.permute(2, 0, 1, 3, 4, 5, 6, 7), y2)
+            # (j_d, j_h, j_w, r, q_h, q_w, r_w, C) of the output planes (4 t + j_d) d
+            target = dst[0, h0 * 4 * d + r_h].as_strided(
+                (4, 4, 4, r, n, q_w, d, c_out),
+                (d * so[0], d * so[1], d * so[2], 4 * d * so[0], 4 * d * so[1], 4 * d * so[2], so[2], so[3]),
+            )
+            _output_transform(y2.permute(2, 0, 1, 3, 4, 5, 6, 7), target)
+            if slope is not None:
+                F.leaky_relu_(target, slope)
 
 
 def _conv_padded(inputs: Sequence[torch.Tensor], conv: nn.Conv3d, slope: float | None, out_pad: int) -> torch.Tensor:

@@ -4,8 +4,9 @@ The C sources ship next to this file (package data). The first call that needs a
 source with the system C compiler into a shared library in a per-user cache directory and loads it; later
 calls, and later processes, reuse that library. Nothing is compiled at install time and there is no
 build dependency beyond a C compiler at run time. Sources: ``correlation.c`` (the 3-D local cost
-correlation, :class:`CorrelationKernels`) and ``roi_align.c`` (RoIAlign, :class:`RoIAlignKernels`), one
-library each.
+correlation, :class:`CorrelationKernels`), ``roi_align.c`` (RoIAlign, :class:`RoIAlignKernels`) and
+``winograd.c`` (the transforms of the Winograd 3x3x3 convolution, :class:`WinogradKernels`), one library
+each.
 
 Where the library lives: ``$SHARED_OPS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/monai-rrn-roigan/native``,
 else ``~/.cache/monai-rrn-roigan/native``. Its file name carries a hash of the source, the compiler (its
@@ -52,12 +53,14 @@ __all__ = [
     "CorrelationKernels",
     "NativeBuildError",
     "RoIAlignKernels",
+    "WinogradKernels",
     "build_library",
     "cache_dir",
     "correlation_kernels",
     "enabled",
     "load_error",
     "roi_align_kernels",
+    "winograd_kernels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -444,3 +447,106 @@ def roi_align_kernels() -> RoIAlignKernels | None:
     if not enabled():
         return None
     return _load("roi_align", RoIAlignKernels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Winograd F(4x4x4, 3x3x3) transforms (winograd.c).
+
+_WINOGRAD_ABI = 1
+
+
+class WinogradKernels:
+    """ctypes bindings of ``winograd.c``: the input and output transforms of a Winograd 3x3x3 convolution.
+
+    Float32 only. One call handles one slab of tiles, ``rows`` tile rows along D of ``tiles_h x tiles_w``
+    tiles per residue, with dilation ``d`` (a tile spans ``6 d`` input and ``4 d`` output voxels along each
+    axis). Activations are (D, H, W, C) views with channels contiguous (``stride(-1) == 1``), starting at
+    the slab's first input (or output) voxel; transformed tiles are (216, tiles, C) with ``stride(-1) == 1``
+    and ``stride(1) == C``, tiles ordered (row, q_h, r_h, q_w, r_w). See the C source for the maths.
+    """
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        version = library.wino_abi_version()
+        if version != _WINOGRAD_ABI:
+            raise NativeBuildError(f"winograd library has interface version {version}, expected {_WINOGRAD_ABI}")
+        ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._input = library.wino_input_f32
+        self._input.argtypes = [ptr, i64, i64, i64, ptr] + [i64] * 6 + [c_int]
+        self._input.restype = c_int
+        self._output = library.wino_output_f32
+        self._output.argtypes = [ptr, i64, ptr, ctypes.c_float, c_int, ptr] + [i64] * 8 + [c_int]
+        self._output.restype = c_int
+        self.threaded = bool(library.wino_has_openmp())
+
+    def input_transform(self, x: torch.Tensor, v: torch.Tensor, tiles_h: int, tiles_w: int, dilation: int) -> None:
+        """``v[:, t] = B^T x_t B`` for every tile ``t`` of the slab starting at ``x[0, 0, 0]``."""
+        rows = _slab_rows(v, tiles_h, tiles_w, dilation)
+        # the slab's origin carries the residue along D; the kernel adds those along H and W
+        step = 4 * dilation
+        _check_slab(
+            "input",
+            x,
+            v,
+            [step * (rows - 1) + 5 * dilation + 1, step * tiles_h + 2 * dilation, step * tiles_w + 2 * dilation],
+        )
+        status = self._input(
+            x.data_ptr(), *x.stride()[:3], v.data_ptr(), v.stride(0), rows, tiles_h, tiles_w, dilation, x.shape[3],
+            _num_threads(v.numel() * 8),
+        )  # fmt: skip
+        _check_status(status)
+
+    def output_transform(
+        self,
+        m: torch.Tensor,
+        y: torch.Tensor,
+        tiles_h: int,
+        tiles_w: int,
+        dilation: int,
+        bias: torch.Tensor | None = None,
+        slope: float | None = None,
+    ) -> None:
+        """``y_t = leaky_relu(A^T m_t A + bias, slope)`` (each step where given) for every tile of the slab."""
+        rows = _slab_rows(m, tiles_h, tiles_w, dilation)
+        step = 4 * dilation
+        _check_slab("output", y, m, [step * (rows - 1) + 3 * dilation + 1, step * tiles_h, step * tiles_w])
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != m.shape[2]):
+            raise ValueError(f"bias: expected a contiguous float32 tensor of {m.shape[2]} values, got {bias.shape}.")
+        status = self._output(
+            m.data_ptr(), m.stride(0), None if bias is None else bias.data_ptr(), 0.0 if slope is None else slope,
+            int(slope is not None), y.data_ptr(), *y.stride()[:3], rows, tiles_h, tiles_w, dilation, m.shape[2],
+            _num_threads(m.numel() * 8),
+        )  # fmt: skip
+        _check_status(status)
+
+
+def _slab_rows(transformed: torch.Tensor, tiles_h: int, tiles_w: int, dilation: int) -> int:
+    per_row = tiles_h * tiles_w * dilation**2
+    if transformed.ndim != 3 or transformed.shape[0] != 216 or transformed.shape[1] % per_row:
+        raise ValueError(
+            f"transformed tiles: expected (216, a multiple of {per_row} tiles, C), got {tuple(transformed.shape)}."
+        )
+    return transformed.shape[1] // per_row
+
+
+def _check_slab(kind: str, volume: torch.Tensor, transformed: torch.Tensor, extent: list[int]) -> None:
+    """Dtype, device, layout and extent checks of one transform call (the kernels trust every stride)."""
+    channels = transformed.shape[2]
+    for name, t in (("activations", volume), ("transformed tiles", transformed)):
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ValueError(f"native Winograd {kind} transform: {name} must be float32 on the CPU, got {t.dtype}.")
+    if transformed.stride(2) != 1 or transformed.stride(1) != channels or transformed.stride(0) < 0:
+        raise ValueError(f"native Winograd {kind} transform: transformed tiles need strides (>= T C, C, 1).")
+    if volume.ndim != 4 or volume.stride(3) != 1 or min(volume.stride()) < 0 or volume.shape[3] != channels:
+        raise ValueError(
+            f"native Winograd {kind} transform: activations must be (D, H, W, {channels}) with contiguous channels, "
+            f"got shape {tuple(volume.shape)} strides {volume.stride()}."
+        )
+    if any(size < need for size, need in zip(volume.shape[:3], extent, strict=True)):
+        raise ValueError(f"native Winograd {kind} transform: activations {tuple(volume.shape[:3])} < slab {extent}.")
+
+
+def winograd_kernels() -> WinogradKernels | None:
+    """The Winograd transforms, or None when disabled (``SHARED_OPS_NATIVE=0``) or not buildable here."""
+    if not enabled():
+        return None
+    return _load("winograd", WinogradKernels)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rrn_lung_registration.networks import RRN, VoxelMorphBaseline, rrn
+from shared_ops import _native
 
 SMALL = dict(
     pyramid_channels=(4, 8, 8, 12),
@@ -140,7 +141,11 @@ def _reference(pieces, conv, slope):
         (2, (8, 8, 8), (16,), False, False, None, 0),  # too small for Winograd
     ],
 )
-def test_padded_convolution_matches_conv3d(dilation, size, split, winograd, bias, slope, out_pad):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_padded_convolution_matches_conv3d(dilation, size, split, winograd, bias, slope, out_pad, native, monkeypatch):
+    """Both implementations of the Winograd transforms (C kernels and tensor operations) against F.conv3d."""
+    monkeypatch.setenv(_native.ENV_ENABLE, "1" if native else "0")
+    assert (_native.winograd_kernels() is not None) is native
     gen = torch.Generator().manual_seed(dilation)
     batch = 2 if dilation < 4 else 1
     conv = nn.Conv3d(sum(split), 20, 3, padding=dilation, dilation=dilation, bias=bias)
