@@ -220,9 +220,11 @@ _WINOGRAD_ONES = 43
 # bytes of input-transform scratch per block: the transforms work on blocks of tile rows that stay in cache
 _WINOGRAD_BLOCK_BYTES = 16 << 20
 # tiles per batched matrix product: enough rows for the products to run near full speed
-_WINOGRAD_SLAB_TILES = 128
+_WINOGRAD_SLAB_TILES = 256
 # input channels per transform and product: bounds the transformed tiles to 216 x 256 x 128 floats (28 MB)
 _WINOGRAD_CHUNK = 128
+# convolutions of one input with at most this many input and output channels run tile by tile in C
+_WINOGRAD_FUSED_CHANNELS = 32
 
 
 def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -308,6 +310,15 @@ def _winograd_conv3d(
     c_out = weight.shape[0]
     u = _winograd_weight(weight)
     out = _padded_empty(first, c_out, size, out_pad)
+    kernels = _native.winograd_kernels()
+    if kernels is not None and len(inputs) == 1 and max(weight.shape[:2]) <= _WINOGRAD_FUSED_CHANNELS:
+        # few channels: the whole convolution tile by tile in C, products included
+        u = F.pad(u, (0, -c_out % 16)).contiguous()
+        for b in range(first.shape[0]):
+            src, dst = first[b].permute(1, 2, 3, 0), _interior(out, out_pad)[b].permute(1, 2, 3, 0)
+            for r_d in range(d):
+                kernels.convolution(src[r_d:], u, dst[r_d:], q_d, q_h, q_w, d, bias, slope)
+        return out
     # a slab: rows_d tile rows along D of rows_h tile rows along H (every residue of each)
     per_h = d * q_w * d  # tiles in one tile row along H
     rows_h = min(q_h, max(1, _WINOGRAD_SLAB_TILES // per_h))
@@ -321,8 +332,15 @@ def _winograd_conv3d(
             chunks.append((x, c0, c, start))
             start += c
     v_all = first.new_empty(216 * rows_d * per_row * max(c for _, _, c, _ in chunks))
-    m = first.new_empty(216, rows_d * per_row, c_out)
-    kernels = _native.winograd_kernels()
+    m_all = first.new_empty(216 * rows_d * per_row * c_out)
+
+    def transformed(buffer: torch.Tensor, tiles: int, channels: int) -> torch.Tensor:
+        """(216, tiles, channels) view of a buffer: tile-major for the C kernels (each tile's 216 rows
+        contiguous, which they read and write as one block), row-major for the tensor operations."""
+        if kernels is None:
+            return buffer[: 216 * tiles * channels].view(216, tiles, channels)
+        return buffer[: 216 * tiles * channels].view(tiles, 216, channels).transpose(0, 1)
+
     for b in range(first.shape[0]):
         dst = _interior(out, out_pad)[b].permute(1, 2, 3, 0)  # (D, H, W, C_out) view
         slabs = [
@@ -333,10 +351,10 @@ def _winograd_conv3d(
         ]
         for z0, r, y0, n in slabs:  # first plane and row, tile rows along D and H
             tiles = r * n * per_h
-            mr = m[:, :tiles]
+            mr = transformed(m_all, tiles, c_out)
             for x, c0, c, start in chunks:
                 xv = x[b, c0 : c0 + c].permute(1, 2, 3, 0)[z0:, y0:]  # (D, H, W, c) from the slab's origin
-                v = v_all[: 216 * tiles * c].view(216, tiles, c)
+                v = transformed(v_all, tiles, c)
                 if kernels is not None:
                     kernels.input_transform(xv, v, n, q_w, d)
                 else:
@@ -500,11 +518,18 @@ class FeaturePyramid(nn.Module):
         the next level is computed). All by default.
         """
         features = []
-        x = x.contiguous(memory_format=CHANNELS_LAST)
+        fast = _fast_inference(x, self)  # padded buffers (border 1) and Winograd convolutions
+        x = _cat_padded([x], 1) if fast else x.contiguous(memory_format=CHANNELS_LAST)
         for index, level in enumerate(self.levels[: depth if depth is not None else len(self.levels)]):
             for conv, activation in zip(level[0::2], level[1::2], strict=True):
-                x = conv3d_pieces([x], conv, activation.negative_slope)
-            features.append(x if keep is None or index in keep else None)
+                if fast:
+                    x = _conv_padded([x], conv, activation.negative_slope, 1)
+                else:
+                    x = conv3d_pieces([x], conv, activation.negative_slope)
+            if keep is None or index in keep:
+                features.append(_interior(x, 1) if fast else x)
+            else:
+                features.append(None)
         return features
 
 

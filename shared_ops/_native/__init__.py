@@ -461,8 +461,9 @@ class WinogradKernels:
     Float32 only. One call handles one slab of tiles, ``rows`` tile rows along D of ``tiles_h x tiles_w``
     tiles per residue, with dilation ``d`` (a tile spans ``6 d`` input and ``4 d`` output voxels along each
     axis). Activations are (D, H, W, C) views with channels contiguous (``stride(-1) == 1``), starting at
-    the slab's first input (or output) voxel; transformed tiles are (216, tiles, C) with ``stride(-1) == 1``
-    and ``stride(1) == C``, tiles ordered (row, q_h, r_h, q_w, r_w). See the C source for the maths.
+    the slab's first input (or output) voxel; transformed tiles are (216, tiles, C) views with
+    ``stride(-1) == 1``, row-major or tile-major (``(tiles, 216, C)`` memory transposed), tiles ordered
+    (row, q_h, r_h, q_w, r_w). See the C source for the maths.
     """
 
     def __init__(self, library: ctypes.CDLL) -> None:
@@ -471,11 +472,14 @@ class WinogradKernels:
             raise NativeBuildError(f"winograd library has interface version {version}, expected {_WINOGRAD_ABI}")
         ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._input = library.wino_input_f32
-        self._input.argtypes = [ptr, i64, i64, i64, ptr] + [i64] * 6 + [c_int]
-        self._input.restype = c_int
+        self._input.argtypes = [ptr, i64, i64, i64, ptr] + [i64] * 7 + [ptr, c_int]
+        self._input.restype = None
         self._output = library.wino_output_f32
-        self._output.argtypes = [ptr, i64, ptr, ctypes.c_float, c_int, ptr] + [i64] * 8 + [c_int]
-        self._output.restype = c_int
+        self._output.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, c_int, ptr] + [i64] * 8 + [c_int]
+        self._output.restype = None
+        self._conv = library.wino_conv_f32
+        self._conv.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, c_int, ptr] + [i64] * 8 + [ptr, c_int]
+        self._conv.restype = None
         self.threaded = bool(library.wino_has_openmp())
 
     def input_transform(self, x: torch.Tensor, v: torch.Tensor, tiles_h: int, tiles_w: int, dilation: int) -> None:
@@ -489,11 +493,12 @@ class WinogradKernels:
             v,
             [step * (rows - 1) + 5 * dilation + 1, step * tiles_h + 2 * dilation, step * tiles_w + 2 * dilation],
         )
-        status = self._input(
-            x.data_ptr(), *x.stride()[:3], v.data_ptr(), v.stride(0), rows, tiles_h, tiles_w, dilation, x.shape[3],
-            _num_threads(v.numel() * 8),
+        threads = _num_threads(v.numel() * 8)
+        scratch = x.new_empty(threads * 216 * _lanes(x.shape[3]))  # a tile's transform per thread
+        self._input(
+            x.data_ptr(), *x.stride()[:3], v.data_ptr(), v.stride(0), v.stride(1), rows, tiles_h, tiles_w, dilation,
+            x.shape[3], scratch.data_ptr(), threads,
         )  # fmt: skip
-        _check_status(status)
 
     def output_transform(
         self,
@@ -509,14 +514,64 @@ class WinogradKernels:
         rows = _slab_rows(m, tiles_h, tiles_w, dilation)
         step = 4 * dilation
         _check_slab("output", y, m, [step * (rows - 1) + 3 * dilation + 1, step * tiles_h, step * tiles_w])
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != m.shape[2]):
-            raise ValueError(f"bias: expected a contiguous float32 tensor of {m.shape[2]} values, got {bias.shape}.")
-        status = self._output(
-            m.data_ptr(), m.stride(0), None if bias is None else bias.data_ptr(), 0.0 if slope is None else slope,
-            int(slope is not None), y.data_ptr(), *y.stride()[:3], rows, tiles_h, tiles_w, dilation, m.shape[2],
-            _num_threads(m.numel() * 8),
+        _check_bias(bias, m.shape[2])
+        self._output(
+            m.data_ptr(), m.stride(0), m.stride(1), None if bias is None else bias.data_ptr(),
+            0.0 if slope is None else slope, int(slope is not None), y.data_ptr(), *y.stride()[:3], rows, tiles_h,
+            tiles_w, dilation, m.shape[2], _num_threads(m.numel() * 8),
         )  # fmt: skip
-        _check_status(status)
+
+    def convolution(
+        self,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        y: torch.Tensor,
+        rows: int,
+        tiles_h: int,
+        tiles_w: int,
+        dilation: int,
+        bias: torch.Tensor | None = None,
+        slope: float | None = None,
+    ) -> None:
+        """The whole convolution of a slab, tile by tile, for few channels: ``y = leaky_relu(conv(x) + bias)``.
+
+        ``u`` holds the transformed weights (216, C_in, C_out rounded up to 16, the extra columns zero),
+        contiguous; ``x`` and ``y`` start at the slab's first input and output voxel.
+        """
+        out_channels = y.shape[-1]
+        width = -(-out_channels // 16) * 16
+        if u.dtype != torch.float32 or not u.is_contiguous() or u.shape != (216, x.shape[-1], width):
+            raise ValueError(
+                f"transformed weights: expected contiguous float32 (216, {x.shape[-1]}, {width}), got {u.shape}."
+            )
+        step = 4 * dilation
+        _check_volume(
+            "convolution",
+            x,
+            x.shape[-1],
+            [step * (rows - 1) + 5 * dilation + 1, step * tiles_h + 2 * dilation, step * tiles_w + 2 * dilation],
+        )
+        _check_volume(
+            "convolution", y, out_channels, [step * (rows - 1) + 3 * dilation + 1, step * tiles_h, step * tiles_w]
+        )
+        _check_bias(bias, out_channels)
+        threads = _num_threads(rows * tiles_h * tiles_w * dilation**2 * 216 * x.shape[-1] * width)
+        scratch = x.new_empty(threads * 216 * (_lanes(x.shape[-1]) + width))  # a tile's transform and products
+        self._conv(
+            x.data_ptr(), *x.stride()[:3], x.shape[-1], u.data_ptr(), None if bias is None else bias.data_ptr(),
+            0.0 if slope is None else slope, int(slope is not None), y.data_ptr(), *y.stride()[:3], out_channels,
+            rows, tiles_h, tiles_w, dilation, scratch.data_ptr(), threads,
+        )  # fmt: skip
+
+
+def _lanes(channels: int) -> int:
+    """``channels`` rounded up to whole vectors of 8 floats (the kernels' scratch rows)."""
+    return -(-channels // 8) * 8
+
+
+def _check_bias(bias: torch.Tensor | None, channels: int) -> None:
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != channels):
+        raise ValueError(f"bias: expected a contiguous float32 tensor of {channels} values, got {tuple(bias.shape)}.")
 
 
 def _slab_rows(transformed: torch.Tensor, tiles_h: int, tiles_w: int, dilation: int) -> int:
@@ -531,18 +586,30 @@ def _slab_rows(transformed: torch.Tensor, tiles_h: int, tiles_w: int, dilation: 
 def _check_slab(kind: str, volume: torch.Tensor, transformed: torch.Tensor, extent: list[int]) -> None:
     """Dtype, device, layout and extent checks of one transform call (the kernels trust every stride)."""
     channels = transformed.shape[2]
-    for name, t in (("activations", volume), ("transformed tiles", transformed)):
-        if t.device.type != "cpu" or t.dtype != torch.float32:
-            raise ValueError(f"native Winograd {kind} transform: {name} must be float32 on the CPU, got {t.dtype}.")
-    if transformed.stride(2) != 1 or transformed.stride(1) != channels or transformed.stride(0) < 0:
-        raise ValueError(f"native Winograd {kind} transform: transformed tiles need strides (>= T C, C, 1).")
+    if transformed.device.type != "cpu" or transformed.dtype != torch.float32:
+        raise ValueError(f"native Winograd {kind} transform: transformed tiles must be float32 on the CPU.")
+    plane, step, one = transformed.stride()
+    tiles = transformed.shape[1]
+    row_major = step >= channels and plane >= tiles * step
+    tile_major = plane >= channels and step >= 216 * plane
+    if one != 1 or not (row_major or tile_major):
+        raise ValueError(
+            f"native Winograd {kind} transform: transformed tiles (216, T, C) need strides (>= T s, s >= C, 1) "
+            f"or (p >= C, >= 216 p, 1), got {transformed.stride()}."
+        )
+    _check_volume(f"{kind} transform", volume, channels, extent)
+
+
+def _check_volume(kind: str, volume: torch.Tensor, channels: int, extent: list[int]) -> None:
+    if volume.device.type != "cpu" or volume.dtype != torch.float32:
+        raise ValueError(f"native Winograd {kind}: activations must be float32 on the CPU, got {volume.dtype}.")
     if volume.ndim != 4 or volume.stride(3) != 1 or min(volume.stride()) < 0 or volume.shape[3] != channels:
         raise ValueError(
-            f"native Winograd {kind} transform: activations must be (D, H, W, {channels}) with contiguous channels, "
+            f"native Winograd {kind}: activations must be (D, H, W, {channels}) with contiguous channels, "
             f"got shape {tuple(volume.shape)} strides {volume.stride()}."
         )
     if any(size < need for size, need in zip(volume.shape[:3], extent, strict=True)):
-        raise ValueError(f"native Winograd {kind} transform: activations {tuple(volume.shape[:3])} < slab {extent}.")
+        raise ValueError(f"native Winograd {kind}: activations {tuple(volume.shape[:3])} < slab {extent}.")
 
 
 def winograd_kernels() -> WinogradKernels | None:

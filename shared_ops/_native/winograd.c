@@ -22,16 +22,19 @@
  * (row-major); tile t's first input element sits at offset i 4d s_d + (qh 4d + rh) s_h + (qw 4d + rw) s_w
  * from the input pointer, its taps at steps of d along each axis, and likewise its first output.
  *
- * Transformed arrays: (216, tiles, channels), element (a, t, c) at a plane + t channels + c (plane >= tiles
- * channels: a slab may use the front of a larger buffer), where a = 36 a_d + 6 a_h + a_w indexes the
- * transformed tile.
+ * Transformed arrays: (216, tiles, channels), element (a, t, c) at a plane + t step + c, where
+ * a = 36 a_d + 6 a_h + a_w indexes the transformed tile: row-major (plane >= tiles step, step >= channels)
+ * or tile-major (step >= 216 plane, plane >= channels, each tile's 216 rows one block of memory).
  *
- * Every exported kernel returns 0 on success and 1 when a per-thread buffer could not be allocated.
+ * Scratch: the caller passes num_threads times the floats per thread that each kernel names; thread i works
+ * in part i.
  */
 
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
@@ -135,62 +138,122 @@ static inline void stream_fence(void)
 #endif
 }
 
+/* Offsets, from a tile's first tap, of its 36 tap rows (a_d, a_h) along W. */
+static void tap_rows(int64_t d, int64_t s_d, int64_t s_h, int64_t rows_at[36])
+{
+    for (int k = 0; k < 36; ++k)
+        rows_at[k] = (k / 6) * d * s_d + (k % 6) * d * s_h;
+}
+
+/* Offsets, from a tile's first output, of its 64 outputs (j_d, j_h, j_w). */
+static void tile_outputs(int64_t d, int64_t s_d, int64_t s_h, int64_t s_w, int64_t taps_at[64])
+{
+    for (int j = 0; j < 64; ++j)
+        taps_at[j] = (j / 16) * d * s_d + (j / 4 % 4) * d * s_h + (j % 4) * d * s_w;
+}
+
+/* The input transform of one tile: rows a of `dst` (step `row`, at least `channels` rounded up to LANES
+ * wide; the rounding is written with zeros) get (B^T x B)[a] of the tile whose first tap is `src`. */
+static void input_tile(const float *src, const int64_t rows_at[36], int64_t step_w, int64_t channels, float *dst,
+                       int64_t row)
+{
+    float buf[216 * LANES]; /* (a_d, a_h, a_w, lane) */
+    for (int64_t c0 = 0; c0 < channels; c0 += LANES) {
+        if (channels - c0 >= LANES) { /* along W, straight from the input's tap rows */
+            for (int k = 0; k < 36; ++k)
+                input_1d(src + rows_at[k] + c0, step_w, buf + 6 * k * LANES, LANES);
+        } else { /* the last channels: gathered with zeros after them, then along W */
+            const int n = (int)(channels - c0);
+            memset(buf, 0, sizeof buf);
+            for (int a = 0; a < 216; ++a)
+                for (int l = 0; l < n; ++l)
+                    buf[a * LANES + l] = src[rows_at[a / 6] + (a % 6) * step_w + c0 + l];
+            for (int k = 0; k < 36; ++k)
+                input_1d(buf + 6 * k * LANES, LANES, buf + 6 * k * LANES, LANES);
+        }
+        for (int k = 0; k < 36; ++k) /* along H: step 6 LANES, for each (a_d, a_w) */
+            input_1d(buf + ((k / 6) * 36 + k % 6) * LANES, 6 * LANES, buf + ((k / 6) * 36 + k % 6) * LANES, 6 * LANES);
+        for (int k = 0; k < 36; ++k) /* along D: step 36 LANES, into rows 36 a_d + k */
+            input_1d(buf + k * LANES, 36 * LANES, dst + k * row + c0, 36 * row);
+    }
+}
+
+/* The output transform of one tile: the outputs at `dst` + taps_at[j] get (A^T m A)[j] + bias, then
+ * LeakyReLU when `activate`, from the 216 rows of m at `src` (step `plane`). */
+static void output_tile(const float *src, int64_t plane, int64_t channels, const float *bias, float slope,
+                        int activate, float *dst, const int64_t taps_at[64])
+{
+    for (int64_t c0 = 0; c0 < channels; c0 += LANES) {
+        const int n = channels - c0 < LANES ? (int)(channels - c0) : LANES;
+        float buf[216 * LANES]; /* (a_d, a_h, j_w, lane), then (a_d, j_h, j_w, lane) in place */
+        float out[64 * LANES];  /* (j_d, j_h, j_w, lane) */
+        if (n == LANES) { /* along W, straight from the rows of m: (a_d, a_h, 0..5) -> 4 rows */
+            for (int k = 0; k < 36; ++k)
+                output_1d(src + 6 * k * plane + c0, plane, buf + 6 * k * LANES, LANES);
+        } else { /* the last channels: gathered with zeros after them, then along W */
+            memset(buf, 0, sizeof buf);
+            for (int a = 0; a < 216; ++a)
+                for (int l = 0; l < n; ++l)
+                    buf[a * LANES + l] = src[a * plane + c0 + l];
+            for (int k = 0; k < 36; ++k)
+                output_1d(buf + 6 * k * LANES, LANES, buf + 6 * k * LANES, LANES);
+        }
+        for (int k = 0; k < 24; ++k) /* along H, for each (a_d, j_w): 6 rows at step 6 LANES -> 4 */
+            output_1d(buf + ((k / 4) * 36 + k % 4) * LANES, 6 * LANES, buf + ((k / 4) * 36 + k % 4) * LANES, 6 * LANES);
+        for (int k = 0; k < 16; ++k) /* along D, for each (j_h, j_w): 6 rows at step 36 LANES -> 4 */
+            output_1d(buf + ((k / 4) * 6 + k % 4) * LANES, 36 * LANES, out + k * LANES, 16 * LANES);
+        float add[LANES] = {0};
+        if (bias != NULL)
+            for (int l = 0; l < n; ++l)
+                add[l] = bias[c0 + l];
+        const vec shift = load(add), zero = {0};
+        for (int j = 0; j < 64; ++j) {
+            vec value = load(out + j * LANES) + shift;
+            if (activate) { /* LeakyReLU: slope * value where value < 0 (the comparison's mask is -1) */
+                const mask negative = value < zero;
+                value = (vec)(((mask)(slope * value) & negative) | ((mask)value & ~negative));
+            }
+            float *q = dst + c0 + taps_at[j];
+            if (n == LANES) {
+                store(q, value);
+            } else {
+                float lanes[LANES];
+                store(lanes, value);
+                for (int l = 0; l < n; ++l)
+                    q[l] = lanes[l];
+            }
+        }
+    }
+}
+
 /*
  * v[a, t, c] = (B^T x_t B)[a] for the tiles of one slab: x_t the 6x6x6 taps of tile t, channels [0, channels)
  * of the input (channel stride 1, spatial strides s_d, s_h, s_w in elements). Each thread transforms a
- * whole tile into its scratch (216 rows of channels) and then writes the 216 rows of v.
- * Returns 1 when a thread's scratch could not be allocated.
+ * whole tile into its scratch (216 rows of `channels` rounded up to LANES) and then writes the 216 rows of v.
  */
-int wino_input_f32(const float *x, int64_t s_d, int64_t s_h, int64_t s_w, float *v, int64_t plane, int64_t rows,
-                   int64_t tiles_h, int64_t tiles_w, int64_t d, int64_t channels, int num_threads)
+void wino_input_f32(const float *x, int64_t s_d, int64_t s_h, int64_t s_w, float *v, int64_t plane, int64_t step, int64_t rows,
+                   int64_t tiles_h, int64_t tiles_w, int64_t d, int64_t channels, float *scratch, int num_threads)
 {
     const int64_t tiles = rows * tiles_h * d * tiles_w * d;
     const int64_t width = scratch_width(channels);
-    const int stream = channels % 8 == 0 && plane % 8 == 0 && (uintptr_t)v % 32 == 0;
-    const int64_t step_w = d * s_w;
-    int64_t rows_at[36]; /* offset of the tap row (a_d, a_h) from a tile's first tap */
-    for (int k = 0; k < 36; ++k)
-        rows_at[k] = (k / 6) * d * s_d + (k % 6) * d * s_h;
-    int failed = 0;
+    const int stream = channels % 8 == 0 && plane % 8 == 0 && step % 8 == 0 && (uintptr_t)v % 32 == 0;
+    int64_t rows_at[36];
+    tap_rows(d, s_d, s_h, rows_at);
 #pragma omp parallel num_threads(num_threads)
     {
-        float *scratch = malloc((size_t)(216 * width) * sizeof(float)); /* (a, channel) */
-        if (scratch == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+#ifdef _OPENMP
+        float *own = scratch + (int64_t)omp_get_thread_num() * 216 * width; /* (a, channel) */
+#else
+        float *own = scratch;
+#endif
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) {
-            if (scratch == NULL)
-                continue;
-            float buf[216 * LANES]; /* (a_d, a_h, a_w, lane) */
-            const float *src = x + tile_offset(t, tiles_h, tiles_w, d, s_d, s_h, s_w);
-            for (int64_t c0 = 0; c0 < channels; c0 += LANES) {
-                if (channels - c0 >= LANES) { /* along W, straight from the input's rows (a_d, a_h) */
-                    for (int k = 0; k < 36; ++k)
-                        input_1d(src + rows_at[k] + c0, step_w, buf + 6 * k * LANES, LANES);
-                } else { /* the last channels: gathered with zeros after them, then along W */
-                    const int n = (int)(channels - c0);
-                    memset(buf, 0, sizeof buf);
-                    for (int a = 0; a < 216; ++a)
-                        for (int l = 0; l < n; ++l)
-                            buf[a * LANES + l] = src[rows_at[a / 6] + (a % 6) * step_w + c0 + l];
-                    for (int k = 0; k < 36; ++k)
-                        input_1d(buf + 6 * k * LANES, LANES, buf + 6 * k * LANES, LANES);
-                }
-                for (int k = 0; k < 36; ++k) /* along H: step 6 LANES, for each (a_d, a_w) */
-                    input_1d(buf + ((k / 6) * 36 + k % 6) * LANES, 6 * LANES, buf + ((k / 6) * 36 + k % 6) * LANES,
-                             6 * LANES);
-                for (int k = 0; k < 36; ++k) /* along D: step 36 LANES, into scratch rows 36 a_d + k */
-                    input_1d(buf + k * LANES, 36 * LANES, scratch + k * width + c0, 36 * width);
-            }
+            input_tile(x + tile_offset(t, tiles_h, tiles_w, d, s_d, s_h, s_w), rows_at, d * s_w, channels, own, width);
             for (int a = 0; a < 216; ++a)
-                copy_row(v + a * plane + t * channels, scratch + a * width, channels, stream);
+                copy_row(v + a * plane + t * step, own + a * width, channels, stream);
         }
         stream_fence();
-        free(scratch);
     }
-    return failed;
 }
 
 /*
@@ -198,64 +261,73 @@ int wino_input_f32(const float *x, int64_t s_d, int64_t s_h, int64_t s_w, float 
  * channels) as above, y with channel stride 1 and spatial strides s_d, s_h, s_w; bias may be NULL.
  * Each thread transforms a tile straight from the 216 rows of m while the next tile's rows are prefetched.
  */
-int wino_output_f32(const float *m, int64_t plane, const float *bias, float slope, int activate, float *y, int64_t s_d,
+void wino_output_f32(const float *m, int64_t plane, int64_t step, const float *bias, float slope, int activate, float *y, int64_t s_d,
                     int64_t s_h, int64_t s_w, int64_t rows, int64_t tiles_h, int64_t tiles_w, int64_t d,
                     int64_t channels, int num_threads)
 {
     const int64_t tiles = rows * tiles_h * d * tiles_w * d;
-    int64_t taps_at[64]; /* offset of output (j_d, j_h, j_w) from a tile's first output */
-    for (int j = 0; j < 64; ++j)
-        taps_at[j] = (j / 16) * d * s_d + (j / 4 % 4) * d * s_h + (j % 4) * d * s_w;
+    int64_t taps_at[64];
+    tile_outputs(d, s_d, s_h, s_w, taps_at);
 #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const float *src = m + t * step;
+        if (t + 1 < tiles) /* the next tile's rows, one cache line of 16 floats at a time */
+            for (int a = 0; a < 216; ++a)
+                for (int64_t c = 0; c < channels; c += 16)
+                    __builtin_prefetch(src + a * plane + step + c);
+        output_tile(src, plane, channels, bias, slope, activate, y + tile_offset(t, tiles_h, tiles_w, d, s_d, s_h, s_w),
+                    taps_at);
+    }
+}
+
+/*
+ * The whole convolution, tile by tile, for few channels (where batched matrix products of a few columns
+ * run far below the machine's speed): y = leaky_relu(conv(x, w) + bias) over the tiles of a slab, x and y
+ * as in the two transforms above, u the transformed weights (216, in_channels, out_width) with out_width
+ * = out_channels rounded up to 2 LANES (the extra columns zero). Each thread keeps a tile's transformed
+ * input and products in its scratch (216 rows of in_channels rounded up to LANES, then 216 rows of
+ * out_width); the weights stay in cache across tiles.
+ */
+void wino_conv_f32(const float *x, int64_t sx_d, int64_t sx_h, int64_t sx_w, int64_t in_channels, const float *u,
+                  const float *bias, float slope, int activate, float *y, int64_t sy_d, int64_t sy_h, int64_t sy_w,
+                  int64_t out_channels, int64_t rows, int64_t tiles_h, int64_t tiles_w, int64_t d, float *scratch,
+                  int num_threads)
+{
+    const int64_t tiles = rows * tiles_h * d * tiles_w * d;
+    const int64_t in_width = scratch_width(in_channels), out_width = (out_channels + 2 * LANES - 1) / (2 * LANES) * 2 * LANES;
+    int64_t rows_at[36], taps_at[64];
+    tap_rows(d, sx_d, sx_h, rows_at);
+    tile_outputs(d, sy_d, sy_h, sy_w, taps_at);
+#pragma omp parallel num_threads(num_threads)
+    {
+#ifdef _OPENMP
+        float *v = scratch + (int64_t)omp_get_thread_num() * 216 * (in_width + out_width); /* (a, in), (a, out) */
+#else
+        float *v = scratch;
+#endif
+        float *m = v + 216 * in_width;
+#pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) {
-            const float *src = m + t * channels;
-            if (t + 1 < tiles) /* the next tile's rows, one cache line of 16 floats at a time */
-                for (int a = 0; a < 216; ++a)
-                    for (int64_t c = 0; c < channels; c += 16)
-                        __builtin_prefetch(src + a * plane + channels + c);
-            float *dst = y + tile_offset(t, tiles_h, tiles_w, d, s_d, s_h, s_w);
-            for (int64_t c0 = 0; c0 < channels; c0 += LANES) {
-                const int n = channels - c0 < LANES ? (int)(channels - c0) : LANES;
-                float buf[216 * LANES]; /* (a_d, a_h, j_w, lane), then (a_d, j_h, j_w, lane) in place */
-                float out[64 * LANES];  /* (j_d, j_h, j_w, lane) */
-                if (n == LANES) { /* along W, straight from the rows of m: (a_d, a_h, 0..5) -> 4 rows */
-                    for (int k = 0; k < 36; ++k)
-                        output_1d(src + 6 * k * plane + c0, plane, buf + 6 * k * LANES, LANES);
-                } else { /* the last channels: gathered with zeros after them, then along W */
-                    memset(buf, 0, sizeof buf);
-                    for (int a = 0; a < 216; ++a)
-                        for (int l = 0; l < n; ++l)
-                            buf[a * LANES + l] = src[a * plane + c0 + l];
-                    for (int k = 0; k < 36; ++k)
-                        output_1d(buf + 6 * k * LANES, LANES, buf + 6 * k * LANES, LANES);
-                }
-                for (int k = 0; k < 24; ++k) /* along H, for each (a_d, j_w): 6 rows at step 6 LANES -> 4 */
-                    output_1d(buf + ((k / 4) * 36 + k % 4) * LANES, 6 * LANES, buf + ((k / 4) * 36 + k % 4) * LANES,
-                              6 * LANES);
-                for (int k = 0; k < 16; ++k) /* along D, for each (j_h, j_w): 6 rows at step 36 LANES -> 4 */
-                    output_1d(buf + ((k / 4) * 6 + k % 4) * LANES, 36 * LANES, out + k * LANES, 16 * LANES);
-                float add[LANES] = {0};
-                if (bias != NULL)
-                    for (int l = 0; l < n; ++l)
-                        add[l] = bias[c0 + l];
-                const vec shift = load(add), zero = {0};
-                for (int j = 0; j < 64; ++j) {
-                    vec value = load(out + j * LANES) + shift;
-                    if (activate) { /* LeakyReLU: slope * value where value < 0 (the comparison's mask is -1) */
-                        const mask negative = value < zero;
-                        value = (vec)(((mask)(slope * value) & negative) | ((mask)value & ~negative));
-                    }
-                    float *q = dst + c0 + taps_at[j];
-                    if (n == LANES) {
-                        store(q, value);
-                    } else {
-                        float lanes[LANES];
-                        store(lanes, value);
-                        for (int l = 0; l < n; ++l)
-                            q[l] = lanes[l];
+            input_tile(x + tile_offset(t, tiles_h, tiles_w, d, sx_d, sx_h, sx_w), rows_at, d * sx_w, in_channels, v,
+                       in_width);
+            for (int a = 0; a < 216; a += 4) { /* m[a] = v[a] @ u[a], four a and 16 columns at a time */
+                for (int64_t o = 0; o < out_width; o += 2 * LANES) {
+                    vec acc[4][2] = {{{0}}};
+                    for (int64_t c = 0; c < in_channels; ++c)
+                        for (int i = 0; i < 4; ++i) {
+                            const float *uc = u + ((a + i) * in_channels + c) * out_width + o;
+                            const float vc = v[(a + i) * in_width + c];
+                            acc[i][0] += vc * load(uc);
+                            acc[i][1] += vc * load(uc + LANES);
+                        }
+                    for (int i = 0; i < 4; ++i) {
+                        store(m + (a + i) * out_width + o, acc[i][0]);
+                        store(m + (a + i) * out_width + o + LANES, acc[i][1]);
                     }
                 }
             }
+            output_tile(m, out_width, out_channels, bias, slope, activate,
+                        y + tile_offset(t, tiles_h, tiles_w, d, sy_d, sy_h, sy_w), taps_at);
         }
-    return 0;
+    }
 }

@@ -133,7 +133,8 @@ def _reference(pieces, conv, slope):
         # three pieces, one of more than a chunk (128) of channels
         (1, (16, 20, 24), (16, 8, 140), True, True, 0.05, 1),
         (1, (16, 20, 24), (16, 8, 140), True, False, None, 0),
-        (2, (16, 24, 32), (24,), True, False, 0.05, 2),
+        (2, (16, 24, 32), (24,), True, False, 0.05, 2),  # one input of few channels: one C kernel (native)
+        (1, (16, 16, 20), (30,), True, True, 0.1, 1),
         (4, (16, 32, 48), (8, 16), True, True, None, 0),
         (8, (32, 32, 64), (16,), True, True, 0.05, 8),
         (16, (64, 64, 64), (16,), True, False, 0.05, 0),
