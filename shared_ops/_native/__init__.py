@@ -5,8 +5,8 @@ source with the system C compiler into a shared library in a per-user cache dire
 calls, and later processes, reuse that library. Nothing is compiled at install time and there is no
 build dependency beyond a C compiler at run time. Sources: ``correlation.c`` (the 3-D local cost
 correlation, :class:`CorrelationKernels`), ``roi_align.c`` (RoIAlign, :class:`RoIAlignKernels`) and
-``winograd.c`` (the transforms of the Winograd 3x3x3 convolution, :class:`WinogradKernels`), one library
-each.
+``conv3d.c`` (3x3x3 convolutions on channels-last volumes: Winograd transforms and small convolutions,
+:class:`Conv3dKernels`), one library each.
 
 Where the library lives: ``$SHARED_OPS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/monai-rrn-roigan/native``,
 else ``~/.cache/monai-rrn-roigan/native``. Its file name carries a hash of the source, the compiler (its
@@ -53,14 +53,14 @@ __all__ = [
     "CorrelationKernels",
     "NativeBuildError",
     "RoIAlignKernels",
-    "WinogradKernels",
+    "Conv3dKernels",
     "build_library",
     "cache_dir",
     "correlation_kernels",
     "enabled",
     "load_error",
     "roi_align_kernels",
-    "winograd_kernels",
+    "conv3d_kernels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -450,16 +450,20 @@ def roi_align_kernels() -> RoIAlignKernels | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Winograd F(4x4x4, 3x3x3) transforms (winograd.c).
+# 3x3x3 convolutions (conv3d.c): Winograd F(4x4x4, 3x3x3) transforms and small convolutions.
 
-_WINOGRAD_ABI = 1
+_CONV3D_ABI = 1
 
 
-class WinogradKernels:
-    """ctypes bindings of ``winograd.c``: the input and output transforms of a Winograd 3x3x3 convolution.
+class Conv3dKernels:
+    """ctypes bindings of ``conv3d.c``: pieces of 3x3x3 convolutions on channels-last CPU volumes.
 
-    Float32 only. One call handles one slab of tiles, ``rows`` tile rows along D of ``tiles_h x tiles_w``
-    tiles per residue, with dilation ``d`` (a tile spans ``6 d`` input and ``4 d`` output voxels along each
+    :meth:`input_transform` and :meth:`output_transform` are the two transforms of a Winograd convolution
+    whose products are batched matrix products; :meth:`convolution` is a whole Winograd convolution for few
+    channels; :meth:`single_channel` a direct strided convolution of one input channel. Float32 only.
+
+    The Winograd calls handle one slab of tiles, ``rows`` tile rows along D of ``tiles_h x tiles_w`` tiles
+    per residue, with dilation ``d`` (a tile spans ``6 d`` input and ``4 d`` output voxels along each
     axis). Activations are (D, H, W, C) views with channels contiguous (``stride(-1) == 1``), starting at
     the slab's first input (or output) voxel; transformed tiles are (216, tiles, C) views with
     ``stride(-1) == 1``, row-major or tile-major (``(tiles, 216, C)`` memory transposed), tiles ordered
@@ -467,9 +471,9 @@ class WinogradKernels:
     """
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        version = library.wino_abi_version()
-        if version != _WINOGRAD_ABI:
-            raise NativeBuildError(f"winograd library has interface version {version}, expected {_WINOGRAD_ABI}")
+        version = library.conv3d_abi_version()
+        if version != _CONV3D_ABI:
+            raise NativeBuildError(f"conv3d library has interface version {version}, expected {_CONV3D_ABI}")
         ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._input = library.wino_input_f32
         self._input.argtypes = [ptr, i64, i64, i64, ptr] + [i64] * 7 + [ptr, c_int]
@@ -480,7 +484,10 @@ class WinogradKernels:
         self._conv = library.wino_conv_f32
         self._conv.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, c_int, ptr] + [i64] * 8 + [ptr, c_int]
         self._conv.restype = None
-        self.threaded = bool(library.wino_has_openmp())
+        self._single = library.conv_single_f32
+        self._single.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, c_int, ptr] + [i64] * 8 + [c_int]
+        self._single.restype = None
+        self.threaded = bool(library.conv3d_has_openmp())
 
     def input_transform(self, x: torch.Tensor, v: torch.Tensor, tiles_h: int, tiles_w: int, dilation: int) -> None:
         """``v[:, t] = B^T x_t B`` for every tile ``t`` of the slab starting at ``x[0, 0, 0]``."""
@@ -563,6 +570,34 @@ class WinogradKernels:
             rows, tiles_h, tiles_w, dilation, scratch.data_ptr(), threads,
         )  # fmt: skip
 
+    def single_channel(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        y: torch.Tensor,
+        stride: int,
+        bias: torch.Tensor | None = None,
+        slope: float | None = None,
+    ) -> None:
+        """``y = leaky_relu(conv3d(x, w, stride) + bias)``, 3x3x3, one input channel, direct.
+
+        ``x`` (D, H, W, 1) is read from its first voxel with no padding of its own (a padded buffer's border
+        is the padding); ``y`` (D', H', W', C) with contiguous channels; ``w`` the weights as a contiguous
+        (27, C rounded up to 8) float32 tensor, taps ordered (k_d, k_h, k_w), the extra columns zero.
+        """
+        out_channels = y.shape[-1]
+        width = _lanes(out_channels)
+        if w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (27, width):
+            raise ValueError(f"weights: expected contiguous float32 (27, {width}), got {w.dtype} {tuple(w.shape)}.")
+        _check_volume("single-channel convolution", x, 1, [stride * (n - 1) + 3 for n in y.shape[:3]])
+        _check_volume("single-channel convolution", y, out_channels, list(y.shape[:3]))
+        _check_bias(bias, out_channels)
+        self._single(
+            x.data_ptr(), *x.stride()[:3], w.data_ptr(), None if bias is None else bias.data_ptr(),
+            0.0 if slope is None else slope, int(slope is not None), y.data_ptr(), *y.stride()[:3], out_channels,
+            *y.shape[:3], stride, _num_threads(y.numel() * 27),
+        )  # fmt: skip
+
 
 def _lanes(channels: int) -> int:
     """``channels`` rounded up to whole vectors of 8 floats (the kernels' scratch rows)."""
@@ -612,8 +647,8 @@ def _check_volume(kind: str, volume: torch.Tensor, channels: int, extent: list[i
         raise ValueError(f"native Winograd {kind}: activations {tuple(volume.shape[:3])} < slab {extent}.")
 
 
-def winograd_kernels() -> WinogradKernels | None:
-    """The Winograd transforms, or None when disabled (``SHARED_OPS_NATIVE=0``) or not buildable here."""
+def conv3d_kernels() -> Conv3dKernels | None:
+    """The 3x3x3 convolution kernels, or None when disabled (``SHARED_OPS_NATIVE=0``) or not buildable here."""
     if not enabled():
         return None
-    return _load("winograd", WinogradKernels)
+    return _load("conv3d", Conv3dKernels)

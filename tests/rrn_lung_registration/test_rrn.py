@@ -146,7 +146,7 @@ def _reference(pieces, conv, slope):
 def test_padded_convolution_matches_conv3d(dilation, size, split, winograd, bias, slope, out_pad, native, monkeypatch):
     """Both implementations of the Winograd transforms (C kernels and tensor operations) against F.conv3d."""
     monkeypatch.setenv(_native.ENV_ENABLE, "1" if native else "0")
-    assert (_native.winograd_kernels() is not None) is native
+    assert (_native.conv3d_kernels() is not None) is native
     gen = torch.Generator().manual_seed(dilation)
     batch = 2 if dilation < 4 else 1
     conv = nn.Conv3d(sum(split), 20, 3, padding=dilation, dilation=dilation, bias=bias)
@@ -158,6 +158,24 @@ def test_padded_convolution_matches_conv3d(dilation, size, split, winograd, bias
     assert padded.shape == (batch, 20, *(s + 2 * out_pad for s in size))
     assert padded.is_contiguous(memory_format=torch.channels_last_3d)
     _assert_close(rrn._interior(padded, out_pad), expected)
+    rrn._interior(padded, out_pad).zero_()
+    assert not padded.any()  # the border is zero
+
+
+@pytest.mark.parametrize(("stride", "size", "out_pad"), [(2, (16, 17, 22), 1), (1, (9, 8, 11), 0), (2, (7, 6, 5), 2)])
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_single_channel_convolution_matches_conv3d(stride, size, out_pad, native, monkeypatch):
+    """The first pyramid convolution (one input channel, any stride) from a padded buffer."""
+    monkeypatch.setenv(_native.ENV_ENABLE, "1" if native else "0")
+    gen = torch.Generator().manual_seed(stride)
+    conv = nn.Conv3d(1, 13, 3, stride=stride, padding=1)  # 13 outputs: a vector of 8 and a partial one
+    x = torch.randn(2, 1, *size, generator=gen)
+    assert rrn._single_channel_applicable(conv)
+    expected = _reference([x], conv, 0.1) if stride == 1 else F.leaky_relu(conv(x), 0.1)
+    with torch.no_grad():
+        padded = rrn._conv_padded([rrn._cat_padded([x], 1)], conv, 0.1, out_pad)
+    assert padded.shape == (2, 13, *(s + 2 * out_pad for s in expected.shape[2:]))
+    _assert_close(rrn._interior(padded, out_pad), expected.detach())
     rrn._interior(padded, out_pad).zero_()
     assert not padded.any()  # the border is zero
 

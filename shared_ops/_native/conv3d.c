@@ -42,10 +42,10 @@
 #define LANES 8
 
 /* Version of the exported interface; the Python loader checks it. */
-int wino_abi_version(void) { return 1; }
+int conv3d_abi_version(void) { return 1; }
 
 /* Whether this build runs its loops on several threads (compiled with OpenMP). */
-int wino_has_openmp(void)
+int conv3d_has_openmp(void)
 {
 #ifdef _OPENMP
     return 1;
@@ -330,4 +330,64 @@ void wino_conv_f32(const float *x, int64_t sx_d, int64_t sx_h, int64_t sx_w, int
                         y + tile_offset(t, tiles_h, tiles_w, d, sy_d, sy_h, sy_w), taps_at);
         }
     }
+}
+
+/*
+ * Direct 3x3x3 convolution of ONE input channel with stride s (the first layer of a feature pyramid,
+ * where a matrix-product formulation has a single row to work with): for every output voxel (z, y, x),
+ *   y[z, y, x, o] = leaky_relu(bias[o] + sum_k w[k, o] x[s z + k_d, s y + k_h, s x + k_w])
+ * with k = 9 k_d + 3 k_h + k_w; x is read from a buffer whose border is the padding (so indices start at
+ * the padded corner), y is (depth, height, width, out_channels) with channel stride 1, w is
+ * (27, out_width) with out_width = out_channels rounded up to LANES (the extra columns zero). Four
+ * neighbouring voxels along x go together, for independent sums.
+ */
+void conv_single_f32(const float *x, int64_t sx_d, int64_t sx_h, int64_t sx_w, const float *w, const float *bias,
+                     float slope, int activate, float *y, int64_t sy_d, int64_t sy_h, int64_t sy_w, int64_t out_channels,
+                     int64_t depth, int64_t height, int64_t width, int64_t stride, int num_threads)
+{
+    const int64_t out_width = (out_channels + LANES - 1) / LANES * LANES;
+    int64_t taps[27];
+    for (int k = 0; k < 27; ++k)
+        taps[k] = (k / 9) * sx_d + (k / 3 % 3) * sx_h + (k % 3) * sx_w;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
+    for (int64_t z = 0; z < depth; ++z)
+        for (int64_t r = 0; r < height; ++r) {
+            const float *row = x + stride * z * sx_d + stride * r * sx_h;
+            float *out_row = y + z * sy_d + r * sy_h;
+            for (int64_t o = 0; o < out_width; o += LANES) {
+                const int n = out_channels - o < LANES ? (int)(out_channels - o) : LANES;
+                float first[LANES] = {0};
+                if (bias != NULL)
+                    for (int l = 0; l < n; ++l)
+                        first[l] = bias[o + l];
+                const vec start = load(first), zero = {0};
+                for (int64_t c = 0; c < width; c += 4) {
+                    const int count = width - c < 4 ? (int)(width - c) : 4;
+                    vec acc[4] = {start, start, start, start};
+                    const float *base = row + stride * c * sx_w;
+                    for (int k = 0; k < 27; ++k) {
+                        const vec wk = load(w + k * out_width + o);
+                        for (int i = 0; i < 4; ++i)
+                            if (i < count)
+                                acc[i] += base[taps[k] + stride * i * sx_w] * wk;
+                    }
+                    for (int i = 0; i < count; ++i) {
+                        vec value = acc[i];
+                        if (activate) {
+                            const mask negative = value < zero;
+                            value = (vec)(((mask)(slope * value) & negative) | ((mask)value & ~negative));
+                        }
+                        float *q = out_row + (c + i) * sy_w + o;
+                        if (n == LANES) {
+                            store(q, value);
+                        } else {
+                            float lanes[LANES];
+                            store(lanes, value);
+                            for (int l = 0; l < n; ++l)
+                                q[l] = lanes[l];
+                        }
+                    }
+                }
+            }
+        }
 }
