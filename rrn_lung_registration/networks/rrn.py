@@ -215,9 +215,11 @@ _WINOGRAD_G = (
     (-16 / 15, 8 / 15, -4 / 15),
     (0.0, 0.0, 1.0),
 )
-# the transformed element at point (1, 1, 1) reaches every output of a tile with weight 1: the bias goes there
+# the transformed element at point (1, 1, 1) reaches every output of a tile with weight 1: where the
+# transforms are tensor operations, the bias goes there
 _WINOGRAD_ONES = 43
-# bytes of input-transform scratch per block: the transforms work on blocks of tile rows that stay in cache
+# bytes of scratch per block of the tensor-operation transforms, which work on blocks of tile rows that stay
+# in cache
 _WINOGRAD_BLOCK_BYTES = 16 << 20
 # tiles per batched matrix product: enough rows for the products to run near full speed
 _WINOGRAD_SLAB_TILES = 256
@@ -297,11 +299,13 @@ def _winograd_conv3d(
 
     With dilation ``d`` an output tile is 4 voxels spaced by ``d`` along each axis: output index
     ``o = q 4d + j d + r`` (tile ``q``, position ``j`` in the tile, residue ``r < d``). The work goes in
-    slabs of tile rows along D (4 planes of one residue each): the input transform writes the slab's
-    transformed tiles ``V`` (216, tiles, C_in), one batched matrix product gives ``M = V @ U``
-    (216, tiles, C_out), and the output transform writes the output planes. The transforms run in C
-    (:class:`shared_ops._native.WinogradKernels`) where the native kernels are available, else as tensor
-    operations (:func:`_torch_input_slab`, :func:`_torch_output_slab`).
+    slabs of about ``_WINOGRAD_SLAB_TILES`` tiles (tile rows along D and H, 4 planes or rows of one residue
+    each): the input transform writes the slab's transformed tiles ``V`` (216, tiles, C_in), one batched
+    matrix product gives ``M = V @ U`` (216, tiles, C_out), and the output transform (bias and LeakyReLU
+    included) writes the output voxels. The transforms run in C (:class:`shared_ops._native.Conv3dKernels`)
+    where the native kernels are available, else as tensor operations (:func:`_torch_input_slab`,
+    :func:`_torch_output_slab`). With the native kernels, a convolution of one input and at most
+    ``_WINOGRAD_FUSED_CHANNELS`` channels runs whole in C, tile by tile.
     """
     first = inputs[0]
     d = dilation

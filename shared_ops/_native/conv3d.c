@@ -1,12 +1,15 @@
 /*
- * Input and output transforms of the Winograd convolution F(4x4x4, 3x3x3), float32, on the CPU.
+ * 3x3x3 convolutions of channels-last float32 volumes on the CPU, for the RRN's inference path
+ * (rrn_lung_registration.networks.rrn): the pieces of a Winograd convolution F(4x4x4, 3x3x3), a whole
+ * Winograd convolution for few channels, and a direct strided convolution of one input channel.
  *
- * The Python side (rrn_lung_registration.networks.rrn._winograd_conv3d) owns the scheme: the weights are
- * transformed once, a volume is handled in slabs of tiles, and the products of the transformed tiles with
- * the transformed weights are batched matrix products. These kernels do the two steps between those
+ * Winograd. The Python side (rrn._winograd_conv3d) owns the scheme: the weights are transformed once, a
+ * volume is handled in slabs of tiles, and the products of the transformed tiles with the transformed
+ * weights are batched matrix products. wino_input_f32 and wino_output_f32 do the two steps between those
  * products and the activations, one tile per task, the 6x6x6 (input) or 6x6x6 -> 4x4x4 (output) values of
  * a tile held in a small buffer while the three one-dimensional transforms run over it, eight channels at
- * a time (one vector register of floats; channels are contiguous in every operand).
+ * a time (one vector register of floats; channels are contiguous in every operand). wino_conv_f32 does all
+ * three steps tile by tile, for layers whose products are too narrow for a matrix-product library.
  *
  * Interpolation points (0, 1, -1, 2, -1/2, inf):
  *   input  B^T (6x6):  p = x1 - x3, q = x4 - x2
@@ -67,6 +70,24 @@ static inline vec load(const float *p)
 }
 
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+/* The first n (<= LANES) lanes of value, through LeakyReLU when `activate`, stored at q. */
+static inline void store_output(float *q, vec value, float slope, int activate, int n)
+{
+    if (activate) { /* slope * value where value < 0 (a comparison gives -1 in those lanes) */
+        const vec zero = {0};
+        const mask negative = value < zero;
+        value = (vec)(((mask)(slope * value) & negative) | ((mask)value & ~negative));
+    }
+    if (n == LANES) {
+        store(q, value);
+    } else {
+        float lanes[LANES];
+        store(lanes, value);
+        for (int l = 0; l < n; ++l)
+            q[l] = lanes[l];
+    }
+}
 
 /* B^T along one axis: six rows of LANES values at steps `in` -> six rows at steps `out` (in place allowed:
  * every input is loaded before the first store). */
@@ -206,23 +227,9 @@ static void output_tile(const float *src, int64_t plane, int64_t channels, const
         if (bias != NULL)
             for (int l = 0; l < n; ++l)
                 add[l] = bias[c0 + l];
-        const vec shift = load(add), zero = {0};
-        for (int j = 0; j < 64; ++j) {
-            vec value = load(out + j * LANES) + shift;
-            if (activate) { /* LeakyReLU: slope * value where value < 0 (the comparison's mask is -1) */
-                const mask negative = value < zero;
-                value = (vec)(((mask)(slope * value) & negative) | ((mask)value & ~negative));
-            }
-            float *q = dst + c0 + taps_at[j];
-            if (n == LANES) {
-                store(q, value);
-            } else {
-                float lanes[LANES];
-                store(lanes, value);
-                for (int l = 0; l < n; ++l)
-                    q[l] = lanes[l];
-            }
-        }
+        const vec shift = load(add);
+        for (int j = 0; j < 64; ++j)
+            store_output(dst + c0 + taps_at[j], load(out + j * LANES) + shift, slope, activate, n);
     }
 }
 
@@ -360,7 +367,7 @@ void conv_single_f32(const float *x, int64_t sx_d, int64_t sx_h, int64_t sx_w, c
                 if (bias != NULL)
                     for (int l = 0; l < n; ++l)
                         first[l] = bias[o + l];
-                const vec start = load(first), zero = {0};
+                const vec start = load(first);
                 for (int64_t c = 0; c < width; c += 4) {
                     const int count = width - c < 4 ? (int)(width - c) : 4;
                     vec acc[4] = {start, start, start, start};
@@ -371,22 +378,8 @@ void conv_single_f32(const float *x, int64_t sx_d, int64_t sx_h, int64_t sx_w, c
                             if (i < count)
                                 acc[i] += base[taps[k] + stride * i * sx_w] * wk;
                     }
-                    for (int i = 0; i < count; ++i) {
-                        vec value = acc[i];
-                        if (activate) {
-                            const mask negative = value < zero;
-                            value = (vec)(((mask)(slope * value) & negative) | ((mask)value & ~negative));
-                        }
-                        float *q = out_row + (c + i) * sy_w + o;
-                        if (n == LANES) {
-                            store(q, value);
-                        } else {
-                            float lanes[LANES];
-                            store(lanes, value);
-                            for (int l = 0; l < n; ++l)
-                                q[l] = lanes[l];
-                        }
-                    }
+                    for (int i = 0; i < count; ++i)
+                        store_output(out_row + (c + i) * sy_w + o, acc[i], slope, activate, n);
                 }
             }
         }
