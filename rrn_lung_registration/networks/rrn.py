@@ -369,8 +369,8 @@ def _winograd_conv3d(
 def _torch_input_slab(xv: torch.Tensor, v: torch.Tensor, r: int, q_h: int, q_w: int, d: int) -> None:
     """The input transform of one slab as tensor operations (see :func:`_winograd_conv3d`).
 
-    ``xv`` (D, H, W, c) starts at the slab's first input plane; ``v`` (216, r * per_row, c) receives the
-    transformed tiles, ordered (row, q_h, r_h, q_w, r_w). Blocks of tile rows along H keep the scratch of
+    ``xv`` (D, H, W, c) starts at the slab's first input voxel; ``v`` (216, r * q_h * d * q_w * d, c)
+    receives the transformed tiles, ordered (row, q_h, r_h, q_w, r_w). Blocks of tile rows along H keep the scratch of
     the three one-dimensional stages in cache.
     """
     c, width, sx = xv.shape[3], xv.shape[2], xv.stride()
@@ -411,8 +411,8 @@ def _torch_output_slab(
 ) -> None:
     """The output transform of one slab as tensor operations, then bias and LeakyReLU.
 
-    ``m`` (216, r * per_row, C_out) holds the products; ``dst`` (D, H, W, C_out) starts at the slab's first
-    output plane.
+    ``m`` (216, tiles, C_out) holds the products; ``dst`` (D, H, W, C_out) starts at the slab's first
+    output voxel.
     """
     c_out, so = m.shape[2], dst.stride()
     if bias is not None:
@@ -439,8 +439,9 @@ def _torch_output_slab(
 def _conv_padded(inputs: Sequence[torch.Tensor], conv: nn.Conv3d, slope: float | None, out_pad: int) -> torch.Tensor:
     """``leaky_relu(conv(cat(inputs)), slope)`` of padded buffers whose border is ``conv.padding``.
 
-    Returns a padded buffer with a zero border of width ``out_pad``: Winograd where it applies, else one
-    direct convolution per input (with no padding of its own: the border is the padding).
+    Returns a padded buffer with a zero border of width ``out_pad``: Winograd where it applies, a C kernel
+    for one input channel (the pyramid's first convolution), else one oneDNN convolution per input (with
+    no padding of its own: the border is the padding).
     """
     _check_pieces(inputs, conv)
     pad = conv.padding[0]

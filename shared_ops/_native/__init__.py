@@ -50,17 +50,17 @@ import torch
 __all__ = [
     "ENV_CACHE_DIR",
     "ENV_ENABLE",
+    "Conv3dKernels",
     "CorrelationKernels",
     "NativeBuildError",
     "RoIAlignKernels",
-    "Conv3dKernels",
     "build_library",
     "cache_dir",
+    "conv3d_kernels",
     "correlation_kernels",
     "enabled",
     "load_error",
     "roi_align_kernels",
-    "conv3d_kernels",
 ]
 
 logger = logging.getLogger(__name__)
