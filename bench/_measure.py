@@ -51,6 +51,23 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2**20
 
 
+def timed_calls(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[list[float], object]:
+    """Wall time of ``repeats`` calls of ``fn`` in a row, and the last call's result.
+
+    Each earlier result is dropped before the next call, so that two results are never alive together.
+    """
+    times: list[float] = []
+    result = None
+    for _ in range(repeats):
+        result = None
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
 def median_seconds(
     fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, min_seconds: float = 2.0
 ) -> dict[str, float]:

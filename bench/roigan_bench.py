@@ -37,7 +37,15 @@ from collections.abc import Callable
 
 import torch
 
-from bench._measure import device_description, median_seconds, peak_memory_mb, run_worker, synchronize, write_results
+from bench._measure import (
+    device_description,
+    median_seconds,
+    peak_memory_mb,
+    run_worker,
+    synchronize,
+    timed_calls,
+    write_results,
+)
 
 BATCH = 8
 TILE = 256
@@ -123,13 +131,7 @@ def train_worker(device: torch.device, iterations: int, amp: bool, profile: bool
     result["warm_up_s"] = time.perf_counter() - warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times: list[float] = []
-    for _ in range(iterations):
-        synchronize(device)
-        t = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - t)
+    times, _ = timed_calls(step, iterations, device)
     result.update(iteration_s=statistics.median(times), iteration_times_s=times, rss_peak_mb=_rss_mb())
     if device.type == "cuda":
         result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench._measure import device_description, run_worker, synchronize, write_results
+from bench._measure import device_description, run_worker, synchronize, timed_calls, write_results
 
 SIZES = (128, 256)
 FIELD_INIT_STD = 0.01
@@ -122,28 +122,10 @@ def forward_worker(device: torch.device, size: int, precision: str, repeats: int
     del ddf
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times: list[float] = []
-    for _ in range(repeats):
-        synchronize(device)
-        t = time.perf_counter()
-        ddf = forward()
-        synchronize(device)
-        times.append(time.perf_counter() - t)
-        if len(times) < repeats:
-            del ddf
-    result = {
-        "seconds": statistics.median(times),
-        "best_s": min(times),
-        "times_s": times,
-        "warm_up_s": warm_up,
-        "rss_start_mb": start_rss,
-        "rss_baseline_mb": baseline,
-        "rss_peak_mb": _rss_mb(),
-        "ran_in_float32": dtype is None or fell_back,
-        "field_max_abs_vox": ddf.float().abs().max().item(),
-    }
-    if device.type == "cuda":
-        result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    times, ddf = timed_calls(forward, repeats, device)
+    result = _timings(times, warm_up, start_rss, baseline, device)
+    result["ran_in_float32"] = dtype is None or fell_back
+    result["field_max_abs_vox"] = ddf.float().abs().max().item()
     ddf = ddf.float().cpu()
     if precision == "fp32":
         torch.save(ddf, reference)
@@ -178,13 +160,12 @@ def train_worker(device: torch.device, size: int, repeats: int) -> dict:
     warm_up = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times: list[float] = []
-    for _ in range(repeats):
-        synchronize(device)
-        t = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - t)
+    times, _ = timed_calls(step, repeats, device)
+    return _timings(times, warm_up, start_rss, baseline, device)
+
+
+def _timings(times: list[float], warm_up: float, start_rss: float, baseline: float, device: torch.device) -> dict:
+    """The timing and memory fields every row reports (peak RSS read now, at the end of the run)."""
     result = {
         "seconds": statistics.median(times),
         "best_s": min(times),

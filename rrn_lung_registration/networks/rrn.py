@@ -474,7 +474,8 @@ def _single_channel_conv3d(
     x: torch.Tensor, conv: nn.Conv3d, slope: float | None, out_pad: int, kernels: _native.Conv3dKernels
 ) -> torch.Tensor:
     """``leaky_relu(conv(x), slope)`` of a one-channel padded buffer (border 1) by a direct C kernel: the
-    first convolution of the pyramid, which oneDNN runs at a tenth of its usual speed."""
+    first convolution of the pyramid, written straight into its padded output buffer (oneDNN's result would
+    have to be copied into one)."""
     stride = conv.stride[0]
     size = [(s - 3) // stride + 1 for s in x.shape[2:]]
     c_out = conv.out_channels

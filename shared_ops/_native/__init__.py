@@ -90,6 +90,12 @@ class NativeBuildError(RuntimeError):
     """No compiler was found, or every flag set failed to compile or load the source."""
 
 
+def _check_abi(name: str, version: int, expected: int) -> None:
+    """Refuse a library whose interface version is not the one its bindings were written for."""
+    if version != expected:
+        raise NativeBuildError(f"{name} library has interface version {version}, expected {expected}")
+
+
 def enabled() -> bool:
     """Whether native kernels may be used (``SHARED_OPS_NATIVE`` is not set to a false value)."""
     return os.environ.get(ENV_ENABLE, "1").strip().lower() not in _FALSE
@@ -242,9 +248,7 @@ class CorrelationKernels:
     DTYPES = tuple(_SUFFIX)
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        version = library.corr_abi_version()
-        if version != _CORRELATION_ABI:
-            raise NativeBuildError(f"correlation library has interface version {version}, expected {_CORRELATION_ABI}")
+        _check_abi("correlation", library.corr_abi_version(), _CORRELATION_ABI)
         ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._forward, self._backward = {}, {}
         for dtype, suffix in _SUFFIX.items():
@@ -345,9 +349,7 @@ class RoIAlignKernels:
     DTYPES = tuple(_SUFFIX)
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        version = library.roi_abi_version()
-        if version != _ROI_ALIGN_ABI:
-            raise NativeBuildError(f"roi_align library has interface version {version}, expected {_ROI_ALIGN_ABI}")
+        _check_abi("roi_align", library.roi_abi_version(), _ROI_ALIGN_ABI)
         ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._forward, self._backward = {}, {}
         for dtype, suffix in _SUFFIX.items():
@@ -465,15 +467,12 @@ class Conv3dKernels:
     The Winograd calls handle one slab of tiles, ``rows`` tile rows along D of ``tiles_h x tiles_w`` tiles
     per residue, with dilation ``d`` (a tile spans ``6 d`` input and ``4 d`` output voxels along each
     axis). Activations are (D, H, W, C) views with channels contiguous (``stride(-1) == 1``), starting at
-    the slab's first input (or output) voxel; transformed tiles are (216, tiles, C) views with
-    ``stride(-1) == 1``, row-major or tile-major (``(tiles, 216, C)`` memory transposed), tiles ordered
-    (row, q_h, r_h, q_w, r_w). See the C source for the maths.
+    the slab's first input (or output) voxel; transformed tiles are row-major (216, tiles, C) views with
+    ``stride(-1) == 1``, tiles ordered (row, q_h, r_h, q_w, r_w). See the C source for the maths.
     """
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        version = library.conv3d_abi_version()
-        if version != _CONV3D_ABI:
-            raise NativeBuildError(f"conv3d library has interface version {version}, expected {_CONV3D_ABI}")
+        _check_abi("conv3d", library.conv3d_abi_version(), _CONV3D_ABI)
         ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._input = library.wino_input_f32
         self._input.argtypes = [ptr, i64, i64, i64, ptr] + [i64] * 7 + [ptr, c_int]
@@ -624,13 +623,10 @@ def _check_slab(kind: str, volume: torch.Tensor, transformed: torch.Tensor, exte
     if transformed.device.type != "cpu" or transformed.dtype != torch.float32:
         raise ValueError(f"native Winograd {kind} transform: transformed tiles must be float32 on the CPU.")
     plane, step, one = transformed.stride()
-    tiles = transformed.shape[1]
-    row_major = step >= channels and plane >= tiles * step
-    tile_major = plane >= channels and step >= 216 * plane
-    if one != 1 or not (row_major or tile_major):
+    if one != 1 or step < channels or plane < transformed.shape[1] * step:
         raise ValueError(
-            f"native Winograd {kind} transform: transformed tiles (216, T, C) need strides (>= T s, s >= C, 1) "
-            f"or (p >= C, >= 216 p, 1), got {transformed.stride()}."
+            f"native Winograd {kind} transform: transformed tiles (216, T, C) need strides (>= T s, s >= C, 1), "
+            f"got {transformed.stride()}."
         )
     _check_volume(f"{kind} transform", volume, channels, extent)
 

@@ -25,9 +25,8 @@
  * (row-major); tile t's first input element sits at offset i 4d s_d + (qh 4d + rh) s_h + (qw 4d + rw) s_w
  * from the input pointer, its taps at steps of d along each axis, and likewise its first output.
  *
- * Transformed arrays: (216, tiles, channels), element (a, t, c) at a plane + t step + c, where
- * a = 36 a_d + 6 a_h + a_w indexes the transformed tile: row-major (plane >= tiles step, step >= channels)
- * or tile-major (step >= 216 plane, plane >= channels, each tile's 216 rows one block of memory).
+ * Transformed arrays: (216, tiles, channels), element (a, t, c) at a plane + t step + c (step >= channels,
+ * plane >= tiles step), where a = 36 a_d + 6 a_h + a_w indexes the transformed tile.
  *
  * Scratch: the caller passes num_threads times the floats per thread that each kernel names; thread i works
  * in part i.

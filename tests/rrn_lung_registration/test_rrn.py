@@ -122,6 +122,15 @@ def test_voxelmorph_accepts_the_two_channel_pair():
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _use_native(native: bool, monkeypatch) -> None:
+    """Switch the native convolution kernels on or off for one test (skipped where they cannot be built)."""
+    monkeypatch.setenv(_native.ENV_ENABLE, "1" if native else "0")
+    kernels = _native.conv3d_kernels()
+    if native and kernels is None:
+        pytest.skip(f"native kernels unavailable: {_native.load_error('conv3d')}")
+    assert native or kernels is None
+
+
 def _reference(pieces, conv, slope):
     out = F.conv3d(torch.cat(pieces, dim=1), conv.weight, conv.bias, padding=conv.padding, dilation=conv.dilation)
     return out if slope is None else F.leaky_relu(out, slope)
@@ -145,8 +154,7 @@ def _reference(pieces, conv, slope):
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 def test_padded_convolution_matches_conv3d(dilation, size, split, winograd, bias, slope, out_pad, native, monkeypatch):
     """Both implementations of the Winograd transforms (C kernels and tensor operations) against F.conv3d."""
-    monkeypatch.setenv(_native.ENV_ENABLE, "1" if native else "0")
-    assert (_native.conv3d_kernels() is not None) is native
+    _use_native(native, monkeypatch)
     gen = torch.Generator().manual_seed(dilation)
     batch = 2 if dilation < 4 else 1
     conv = nn.Conv3d(sum(split), 20, 3, padding=dilation, dilation=dilation, bias=bias)
@@ -166,7 +174,7 @@ def test_padded_convolution_matches_conv3d(dilation, size, split, winograd, bias
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 def test_single_channel_convolution_matches_conv3d(stride, size, out_pad, native, monkeypatch):
     """The first pyramid convolution (one input channel, any stride) from a padded buffer."""
-    monkeypatch.setenv(_native.ENV_ENABLE, "1" if native else "0")
+    _use_native(native, monkeypatch)
     gen = torch.Generator().manual_seed(stride)
     conv = nn.Conv3d(1, 13, 3, stride=stride, padding=1)  # 13 outputs: a vector of 8 and a partial one
     x = torch.randn(2, 1, *size, generator=gen)
