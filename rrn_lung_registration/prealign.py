@@ -21,8 +21,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import LocalNormalizedCrossCorrelationLoss
 
+from rrn_lung_registration.losses import LocalNCCLoss
 from rrn_lung_registration.spatial import Grid, apply_affine, sample_world, to_matrix
 
 __all__ = ["PrealignSettings", "downsample", "prealign", "window_hu"]
@@ -142,7 +142,7 @@ def prealign(
     params = _AffineParameters(_centroid(fixed_mask, fixed_affine), _centroid(moving_mask, moving_affine))
     start, stop = _mask_box(fixed_mask, fixed_affine, settings.margin_mm)
     box = Grid(fixed.shape, fixed_affine).box(start, stop, [b - a for a, b in zip(start, stop, strict=True)])
-    similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=settings.window)
+    similarity = LocalNCCLoss(settings.window)
     stages = ["rigid"] + (["affine"] if settings.mode == "affine" else [])
     with torch.enable_grad():
         for spacing, steps in _levels(settings, fixed_affine, moving_affine):

@@ -43,6 +43,10 @@ def warp(
 
     Returns:
         ``(B, C, D, H, W)`` on the grid of ``ddf`` (which must equal the grid of ``image``).
+
+    Trilinear warps are differentiable in ``image`` and ``ddf`` with a hand-written backward that keeps
+    only the two inputs and recomputes the sample points: autograd through the gathers would keep about
+    28 volumes per warp (1.8 GiB for one 256^3 training pair).
     """
     if image.ndim != 5 or ddf.ndim != 5 or ddf.shape[1] != 3:
         raise ValueError(
@@ -57,58 +61,128 @@ def warp(
         raise ValueError(f"unsupported mode {mode!r} or padding_mode {padding_mode!r}.")
     if min(image.shape[2:]) < 2:
         raise ValueError(f"warp needs at least 2 voxels along each spatial axis, got {tuple(image.shape[2:])}.")
-    batch, channels = image.shape[:2]
+    if mode == "nearest":
+        return _nearest(image, ddf, padding_mode)
+    if torch.is_grad_enabled() and (image.requires_grad or ddf.requires_grad):
+        return _TrilinearWarp.apply(image, ddf, padding_mode)
+    return _trilinear(image, _Corners(ddf, image.shape, image.dtype, padding_mode))
+
+
+class _Corners:
+    """Where trilinear sampling at ``x + ddf(x)`` reads: the flat index of the lower corner of every sample
+    point, the weights of the lower and upper corner along each axis, and (``"zeros"`` padding) which
+    corners lie inside the volume. ``slopes[a]`` is d(sample position along a) / d(ddf[:, a]): zero where
+    ``"border"`` padding clamps the position (as autograd differentiates a clamp), else one."""
+
+    def __init__(self, ddf: torch.Tensor, shape: torch.Size, dtype: torch.dtype, padding_mode: Padding) -> None:
+        batch = ddf.shape[0]
+        compute = ddf.dtype if ddf.is_floating_point() else torch.float32
+        self.strides = (shape[3] * shape[4], shape[4], 1)
+        self.base = None  # (B, N)
+        self.weights, self.inside, self.slopes = [], [], []
+        for axis, size in enumerate(shape[2:]):
+            coordinate = torch.arange(size, device=ddf.device, dtype=compute).view(
+                [size if a == axis else 1 for a in range(3)]
+            )
+            pos = (ddf[:, axis].to(compute) + coordinate).reshape(batch, -1)
+            if padding_mode == "border":
+                self.slopes.append(((pos >= 0) & (pos <= size - 1)).to(dtype))
+                pos = pos.clamp(0, size - 1)
+                low = torch.floor(pos).clamp(max=size - 2)  # upper corner stays inside; weight 1 on it at the end
+                frac = pos - low
+                self.inside.append(None)
+            else:
+                self.slopes.append(None)
+                low = torch.floor(pos)
+                frac = pos - low
+                self.inside.append(((low >= 0) & (low <= size - 1), (low >= -1) & (low <= size - 2)))
+                low = low.clamp(-1, size - 1)
+            frac = frac.to(dtype)
+            self.weights.append((1 - frac, frac))
+            term = low.long() * self.strides[axis]
+            self.base = term if self.base is None else self.base + term
+
+    def corners(self):
+        """Per corner: its (bit along D, H, W), flat index (B, N) and weight (B, N), zero outside the volume."""
+        for corner in range(8):
+            bits = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
+            weight = self.weights[0][bits[0]] * self.weights[1][bits[1]] * self.weights[2][bits[2]]
+            if self.inside[0] is not None:
+                weight = weight * self.mask(bits)
+            offset = sum(b * s for b, s in zip(bits, self.strides, strict=True))
+            yield bits, self.base + offset, weight
+
+    def mask(self, bits: tuple[int, int, int]) -> torch.Tensor:
+        inside = self.inside
+        return (inside[0][bits[0]] & inside[1][bits[1]] & inside[2][bits[2]]).to(self.weights[0][0].dtype)
+
+
+def _trilinear(image: torch.Tensor, corners: _Corners) -> torch.Tensor:
+    flat_image = image.reshape(*image.shape[:2], -1)
+    out = None
+    for _, index, weight in corners.corners():
+        term = _gather(flat_image, index) * weight.unsqueeze(1)
+        out = term if out is None else out + term
+    return out.view_as(image)
+
+
+class _TrilinearWarp(torch.autograd.Function):
+    """Trilinear warp that saves only ``image`` and ``ddf`` for its backward (see :func:`warp`)."""
+
+    @staticmethod
+    def forward(ctx, image: torch.Tensor, ddf: torch.Tensor, padding_mode: Padding) -> torch.Tensor:
+        ctx.save_for_backward(image, ddf)
+        ctx.padding_mode = padding_mode
+        return _trilinear(image, _Corners(ddf, image.shape, image.dtype, padding_mode))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        image, ddf = ctx.saved_tensors
+        corners = _Corners(ddf, image.shape, image.dtype, ctx.padding_mode)
+        flat_image, flat_grad = image.reshape(*image.shape[:2], -1), grad.reshape(*grad.shape[:2], -1)
+        grad_image = torch.zeros_like(flat_image) if ctx.needs_input_grad[0] else None
+        grad_pos = [torch.zeros_like(corners.weights[0][0]) for _ in range(3)] if ctx.needs_input_grad[1] else None
+        for bits, index, weight in corners.corners():
+            if grad_image is not None:
+                index_c = index.clamp(0, flat_image.shape[2] - 1).unsqueeze(1).expand_as(flat_grad)
+                grad_image.scatter_add_(2, index_c, flat_grad * weight.unsqueeze(1))
+            if grad_pos is None:
+                continue
+            # d(weight of this corner) / d(position along a) = the other two axes' weights, signed by the bit
+            value = (_gather(flat_image, index) * flat_grad).sum(1)
+            if corners.inside[0] is not None:
+                value = value * corners.mask(bits)
+            w = [corners.weights[a][bits[a]] for a in range(3)]
+            for a, (b, c) in enumerate(((1, 2), (0, 2), (0, 1))):
+                term = value * w[b] * w[c]
+                (grad_pos[a].add_ if bits[a] else grad_pos[a].sub_)(term)
+        grad_ddf = None
+        if grad_pos is not None:
+            if corners.slopes[0] is not None:
+                grad_pos = [g * s for g, s in zip(grad_pos, corners.slopes, strict=True)]
+            grad_ddf = torch.stack(grad_pos, 1).view(ddf.shape).to(ddf.dtype)
+        return (grad_image.view_as(image) if grad_image is not None else None), grad_ddf, None
+
+
+def _nearest(image: torch.Tensor, ddf: torch.Tensor, padding_mode: Padding) -> torch.Tensor:
+    batch = ddf.shape[0]
     dtype = ddf.dtype if ddf.is_floating_point() else torch.float32
-    flat_image = image.reshape(batch, channels, -1)
     strides = (image.shape[3] * image.shape[4], image.shape[4], 1)
-    base = None  # flat index of the lower corner, (B, N)
-    weights, inside = [], []  # per axis: (weight of lower, weight of upper), (lower inside, upper inside)
+    base, inside = None, None
     for axis, size in enumerate(image.shape[2:]):
         coordinate = torch.arange(size, device=ddf.device, dtype=dtype).view(
             [size if a == axis else 1 for a in range(3)]
         )
-        pos = (ddf[:, axis].to(dtype) + coordinate).reshape(batch, -1)  # sample position along this axis, (B, N)
-        if mode == "nearest":
-            index = torch.round(pos)
-            if padding_mode == "border":
-                index = index.clamp(0, size - 1)
-            else:
-                inside.append((index >= 0) & (index <= size - 1))
-                index = index.clamp(0, size - 1)
-            term = index.long() * strides[axis]
-            base = term if base is None else base + term
-            continue
-        if padding_mode == "border":
-            pos = pos.clamp(0, size - 1)
-            low = torch.floor(pos).clamp(max=size - 2)  # upper corner stays inside; weight 1 on it at the end
-            frac = pos - low
-            inside.append(None)
-        else:
-            low = torch.floor(pos)
-            frac = pos - low
-            inside.append(((low >= 0) & (low <= size - 1), (low >= -1) & (low <= size - 2)))
-            low = low.clamp(-1, size - 1)
-        frac = frac.to(image.dtype)
-        weights.append((1 - frac, frac))
-        term = low.long() * strides[axis]
-        base = term if base is None else base + term
-
-    if mode == "nearest":
-        values = _gather(flat_image, base)
-        if inside:
-            values = values * (inside[0] & inside[1] & inside[2]).unsqueeze(1).to(values.dtype)
-        return values.view_as(image)
-
-    out = None
-    for corner in range(8):
-        bits = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
-        weight = weights[0][bits[0]] * weights[1][bits[1]] * weights[2][bits[2]]
+        index = torch.round((ddf[:, axis].to(dtype) + coordinate).reshape(batch, -1))
         if padding_mode == "zeros":
-            weight = weight * (inside[0][bits[0]] & inside[1][bits[1]] & inside[2][bits[2]]).to(weight.dtype)
-        offset = sum(b * s for b, s in zip(bits, strides, strict=True))
-        term = _gather(flat_image, base + offset) * weight.unsqueeze(1)
-        out = term if out is None else out + term
-    return out.view_as(image)
+            valid = (index >= 0) & (index <= size - 1)
+            inside = valid if inside is None else inside & valid
+        term = index.clamp(0, size - 1).long() * strides[axis]
+        base = term if base is None else base + term
+    values = _gather(image.reshape(*image.shape[:2], -1), base)
+    if inside is not None:
+        values = values * inside.unsqueeze(1).to(values.dtype)
+    return values.view_as(image)
 
 
 def _gather(flat_image: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:

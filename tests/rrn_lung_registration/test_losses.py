@@ -1,11 +1,13 @@
-"""rrn_lung_registration.losses on hand-built cases."""
+"""rrn_lung_registration.losses: hand-built cases, agreement with MONAI and autograd, memory kept for backward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from monai.losses import LocalNormalizedCrossCorrelationLoss
 
-from rrn_lung_registration.losses import LOSS_PRESETS, RegistrationLoss, diffusion_l2, total_variation_l1
+from rrn_lung_registration.losses import LOSS_PRESETS, LocalNCCLoss, RegistrationLoss, diffusion_l2, total_variation_l1
+from rrn_lung_registration.warp import warp
 
 
 def _linear_field(shape=(6, 7, 8), slope=0.5):
@@ -34,6 +36,64 @@ def test_lncc_identical_anticorrelated_and_flat():
     assert -0.5 < unrelated < 0
 
 
+def _images(dtype, shape=(2, 2, 9, 8, 7)):
+    """Random pair with flat slabs, where the local variances sit on MONAI's floor ``smooth_dr``."""
+    pred, target = torch.rand(shape, dtype=dtype), torch.rand(shape, dtype=dtype)
+    pred[:, :, :3], target[:, :, :2] = 0.5, 0.25
+    return pred, target
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lncc_matches_monai_value_and_gradients(reduction, dtype):
+    torch.manual_seed(0)
+    pred, target = _images(dtype)
+    ours, monai = LocalNCCLoss(5, reduction), LocalNormalizedCrossCorrelationLoss(3, 5, "rectangular", reduction)
+    assert torch.equal(ours(pred, target), monai(pred, target))  # same sums in the same order
+    grads = []
+    for loss in (ours, monai):
+        p, t = pred.clone().requires_grad_(), target.clone().requires_grad_()
+        weights = torch.linspace(-1, 2, loss(p, t).numel(), dtype=dtype).view(loss(p, t).shape)
+        (loss(p, t) * weights).sum().backward()
+        grads.append((p.grad, t.grad))
+    tolerance = {"atol": 1e-12, "rtol": 1e-9} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-4}
+    for ours_grad, monai_grad in zip(*grads, strict=True):
+        assert ours_grad.abs().max() > 0
+        torch.testing.assert_close(ours_grad, monai_grad, **tolerance)
+
+
+def test_loss_gradients_match_finite_differences():
+    torch.manual_seed(1)
+    pred, target = (torch.rand(1, 1, 6, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda p, t: LocalNCCLoss(3)(p, t), (pred, target))
+    ddf = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(total_variation_l1, (ddf,))
+    assert torch.autograd.gradcheck(diffusion_l2, (ddf,))
+
+
+def test_loss_and_warp_keep_only_their_inputs_for_backward():
+    """What training at 256^3 on a GPU relies on: the loss and the warp add no volume of their own to the
+    tensors autograd keeps between forward and backward (through autograd they kept about 57)."""
+    torch.manual_seed(2)
+    fixed, moving = torch.rand(1, 1, 12, 12, 12), torch.rand(1, 1, 12, 12, 12)
+    ddf = torch.randn(1, 3, 12, 12, 12, requires_grad=True)
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    for preset in LOSS_PRESETS:
+        kept.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            warped = warp(moving, ddf)
+            loss = RegistrationLoss.from_preset(preset)(fixed, warped, ddf)
+        inputs = [fixed, moving, warped, ddf]
+        assert sum(kept.values()) <= sum(x.untyped_storage().nbytes() for x in inputs)
+        loss.backward()
+        assert torch.isfinite(ddf.grad).all() and ddf.grad.abs().max() > 0
+
+
 def test_total_is_similarity_plus_weighted_smoothness():
     image, other = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)
     ddf = _linear_field((8, 8, 8), slope=1.0)
@@ -58,3 +118,20 @@ def test_bad_arguments():
         RegistrationLoss.from_preset("voxelmorph")
     with pytest.raises(ValueError, match=r"\(B, 3, D, H, W\)"):
         total_variation_l1(torch.zeros(3, 4, 4, 4))
+    with pytest.raises(ValueError, match="reduction"):
+        LocalNCCLoss(reduction="max")
+    with pytest.raises(ValueError, match="one shape"):
+        LocalNCCLoss()(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 5))
+
+
+def test_lncc_runs_in_float32_under_autocast():
+    """Local variances are differences of window sums: in half precision they would be lost."""
+    torch.manual_seed(3)
+    pred, target = _images(torch.float32)
+    expected = LocalNCCLoss(5)(pred, target)
+    p = pred.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = LocalNCCLoss(5)(p, target)
+    value.backward()
+    assert value.dtype == torch.float32 and p.grad.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
