@@ -169,36 +169,28 @@ class _LocalNCC(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        p, t = ctx.saved_tensors
-        window = ctx.window
+        pred, target = ctx.saved_tensors
         ncc, cross, t_var, p_var, t_sum, p_sum, t_free, p_free = _LocalNCC.terms(
-            p, t, window, ctx.smooth_nr, ctx.smooth_dr
+            pred, target, ctx.window, ctx.smooth_nr, ctx.smooth_dr
         )
-        p, t, grad = p.to(ncc.dtype), t.to(ncc.dtype), grad.to(ncc.dtype)
-        n = float(window**3)
-        kernels = [torch.ones(window, dtype=p.dtype, device=p.device)] * 3
-        d_cross = 2 * grad * cross / (t_var * p_var)  # d/dS_tp, and -S_x / n of it is the cross part of d/dS_y
+        p, t, grad = pred.to(ncc.dtype), target.to(ncc.dtype), grad.to(ncc.dtype)
+        n = float(ctx.window**3)
+        kernels = [torch.ones(ctx.window, dtype=p.dtype, device=p.device)] * 3
+        d_tp = 2 * grad * cross / (t_var * p_var)  # g dncc/dS_tp, the same for both images
         del cross
 
         def gradient(x, y, x_sum, y_sum, x_var, x_free):
-            # d/dS_xx = -ncc / var_x where the variance is free; d/dS_x adds -2 S_x / n of that
-            d_square = -grad * ncc / x_var * x_free
-            d_sum = d_cross * (-y_sum / n) + d_square * (-2 * x_sum / n)
-            out = separable_filtering(d_sum, kernels)
-            out += 2 * x * separable_filtering(d_square, kernels)
-            out += y * separable_filtering(d_cross, kernels)
+            """Gradient for image x (y the other image): the three box sums of the class docstring."""
+            d_xx = -grad * ncc / x_var * x_free  # g dncc/dS_xx: through var_x, where it is above its floor
+            d_x = d_tp * (-y_sum / n) + d_xx * (-2 * x_sum / n)  # g dncc/dS_x: through cross and var_x
+            out = separable_filtering(d_x, kernels)
+            out += 2 * x * separable_filtering(d_xx, kernels)
+            out += y * separable_filtering(d_tp, kernels)
             return out
 
-        grad_p = gradient(p, t, p_sum, t_sum, p_var, p_free) if ctx.needs_input_grad[0] else None
-        grad_t = gradient(t, p, t_sum, p_sum, t_var, t_free) if ctx.needs_input_grad[1] else None
-        pred, target = ctx.saved_tensors
-        return (
-            grad_p.to(pred.dtype) if grad_p is not None else None,
-            grad_t.to(target.dtype) if grad_t is not None else None,
-            None,
-            None,
-            None,
-        )
+        grad_p = gradient(p, t, p_sum, t_sum, p_var, p_free).to(pred.dtype) if ctx.needs_input_grad[0] else None
+        grad_t = gradient(t, p, t_sum, p_sum, t_var, t_free).to(target.dtype) if ctx.needs_input_grad[1] else None
+        return grad_p, grad_t, None, None, None
 
 
 class RegistrationLoss(nn.Module):
