@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
             "RRN paper configuration (16,652,076 parameters), batch 1, smooth random pair, field_init_std "
             f"{FIELD_INIT_STD} (fields of a few voxels); forward: 1 warm-up then median of {args.repeats} (128^3) / "
             f"{args.repeats_large} (256^3) calls under no_grad; training step: forward + RegistrationLoss() + "
-            f"backward + Adam, 1 warm-up then median of {args.train_repeats}; every case in a fresh process"
+            f"backward + Adam, 1 warm-up then median of {args.train_repeats} (128^3) / {args.train_repeats_large} "
+            "(256^3) steps, then one untimed step for the tensor peak; every case in a fresh process"
         ),
         "load_average_1min": [load_before, load_after],
         "cpus": os.cpu_count(),
