@@ -407,7 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         c_in, c_out, side = CONV_CASE
         got = run_worker("bench.rrn_bench", [*flags, "--worker", "conv", str(side), "fp32", "-"])
-        note = f"{got['gflops']:.0f} GFLOP/s (issue's reference machine: {REFERENCE_CONV_GFLOPS:.0f})"
+        note = f"{got['gflops']:.0f} GFLOP/s"
+        if device.type == "cpu":
+            note += f" (issue's reference machine: {REFERENCE_CONV_GFLOPS:.0f})"
         what = f"one 3x3x3 conv {c_in}->{c_out} (PyTorch)"
         rows.append(dict(what=what, size=side, precision="fp32", note=note, raw=got))
         print(json.dumps(rows[-1]), flush=True)
@@ -428,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             if size not in train_sizes:
                 rows.append(
-                    dict(what="training step", size=size, precision="fp32", note="skipped (see notes)", raw=None)
+                    dict(what="training step", size=size, precision="fp32", note="not in --train-sizes", raw=None)
                 )
                 continue
             got = run_worker("bench.rrn_bench", [*flags, "--worker", "train", str(size), "fp32", "-"])

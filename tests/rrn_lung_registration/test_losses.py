@@ -53,8 +53,8 @@ def test_lncc_matches_monai_value_and_gradients(reduction, dtype):
     grads = []
     for loss in (ours, monai):
         p, t = pred.clone().requires_grad_(), target.clone().requires_grad_()
-        weights = torch.linspace(-1, 2, loss(p, t).numel(), dtype=dtype).view(loss(p, t).shape)
-        (loss(p, t) * weights).sum().backward()
+        value = loss(p, t)
+        (value * torch.linspace(-1, 2, value.numel(), dtype=dtype).view(value.shape)).sum().backward()
         grads.append((p.grad, t.grad))
     tolerance = {"atol": 1e-12, "rtol": 1e-9} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-4}
     for ours_grad, monai_grad in zip(*grads, strict=True):
