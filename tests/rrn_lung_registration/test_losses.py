@@ -66,9 +66,11 @@ def test_loss_gradients_match_finite_differences():
     torch.manual_seed(1)
     pred, target = (torch.rand(1, 1, 6, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(lambda p, t: LocalNCCLoss(3)(p, t), (pred, target))
+    assert torch.autograd.gradgradcheck(lambda p, t: LocalNCCLoss(3)(p, t), (pred, target))  # backward differentiates
     ddf = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(total_variation_l1, (ddf,))
     assert torch.autograd.gradcheck(diffusion_l2, (ddf,))
+    assert torch.autograd.gradgradcheck(diffusion_l2, (ddf,))
 
 
 def test_loss_and_warp_keep_only_their_inputs_for_backward():

@@ -56,7 +56,12 @@ def test_gradients_match_monai_warp_and_finite_differences(padding_mode):
         torch.testing.assert_close(ours, monai, atol=1e-12, rtol=1e-10)
     image = torch.randn(1, 2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     ddf = (0.7 * torch.randn(1, 3, 5, 6, 7, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda i, d: warp(i, d, padding_mode=padding_mode), (image, ddf), fast_mode=True)
+
+    def warped(i, d):
+        return warp(i, d, padding_mode=padding_mode)
+
+    assert torch.autograd.gradcheck(warped, (image, ddf), fast_mode=True)
+    assert torch.autograd.gradgradcheck(warped, (image, ddf), fast_mode=True)  # the backward differentiates too
 
 
 def test_identity_grid_and_module():
