@@ -71,10 +71,13 @@ def warp(
 class _Corners:
     """Where trilinear sampling at ``x + ddf(x)`` reads: the flat index of the lower corner of every sample
     point, the weights of the lower and upper corner along each axis, and (``"zeros"`` padding) which
-    corners lie inside the volume. ``slopes[a]`` is d(sample position along a) / d(ddf[:, a]): zero where
-    ``"border"`` padding clamps the position (as autograd differentiates a clamp), else one."""
+    corners lie inside the volume. With ``slopes`` (for the backward), ``slopes[a]`` is d(sample position along
+    a) / d(ddf[:, a]) under ``"border"`` padding: zero where the position is clamped (as autograd differentiates
+    a clamp), else one; ``None`` where the position is never clamped."""
 
-    def __init__(self, ddf: torch.Tensor, shape: torch.Size, dtype: torch.dtype, padding_mode: Padding) -> None:
+    def __init__(
+        self, ddf: torch.Tensor, shape: torch.Size, dtype: torch.dtype, padding_mode: Padding, slopes: bool = False
+    ) -> None:
         batch = ddf.shape[0]
         compute = ddf.dtype if ddf.is_floating_point() else torch.float32
         self.strides = (shape[3] * shape[4], shape[4], 1)
@@ -86,7 +89,7 @@ class _Corners:
             )
             pos = (ddf[:, axis].to(compute) + coordinate).reshape(batch, -1)
             if padding_mode == "border":
-                self.slopes.append(((pos >= 0) & (pos <= size - 1)).to(dtype))
+                self.slopes.append(((pos >= 0) & (pos <= size - 1)).to(dtype) if slopes else None)
                 pos = pos.clamp(0, size - 1)
                 low = torch.floor(pos).clamp(max=size - 2)  # upper corner stays inside; weight 1 on it at the end
                 frac = pos - low
@@ -138,7 +141,7 @@ class _TrilinearWarp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         image, ddf = ctx.saved_tensors
-        corners = _Corners(ddf, image.shape, image.dtype, ctx.padding_mode)
+        corners = _Corners(ddf, image.shape, image.dtype, ctx.padding_mode, slopes=True)
         flat_image, flat_grad = image.reshape(*image.shape[:2], -1), grad.reshape(*grad.shape[:2], -1)
         grad_image = torch.zeros_like(flat_image) if ctx.needs_input_grad[0] else None
         grad_pos = [torch.zeros_like(corners.weights[0][0]) for _ in range(3)] if ctx.needs_input_grad[1] else None
