@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from shared_ops.atomic import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -124,7 +126,7 @@ def run_worker(module: str, args: list[str], env: dict[str, str] | None = None) 
 
 
 def write_results(name: str, payload: dict, table: list[dict], columns: list[tuple[str, str]], title: str) -> Path:
-    """Write ``results/<name>.json`` and a markdown table ``results/<name>.md``; both atomically."""
+    """Write ``results/<name>.json`` and a markdown table ``results/<name>.md``, both atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / f"{name}.json"
     md_path = RESULTS / f"{name}.md"
@@ -137,8 +139,6 @@ def write_results(name: str, payload: dict, table: list[dict], columns: list[tup
             value = row.get(key, "")
             cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
-    for path, text in ((json_path, json.dumps(payload, indent=2) + "\n"), (md_path, "\n".join(lines) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     return md_path

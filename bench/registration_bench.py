@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from bench._measure import device_description, write_results
+from shared_ops.atomic import atomic_write, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "RRN_ROIGAN_DATA"
@@ -105,11 +106,12 @@ def prepare_worker(workdir: Path) -> dict:
     pair_s = time.perf_counter() - start
     write_image(workdir / FILES["fixed"], pair.fixed, compress=False)
     write_image(workdir / FILES["moving"], pair.moving, compress=False)
-    np.save(workdir / FILES["fixed_landmarks"], pair.fixed_landmarks)
-    np.save(workdir / FILES["moving_landmarks"], pair.moving_landmarks)
+    atomic_write(workdir / FILES["fixed_landmarks"], lambda tmp: np.save(tmp, pair.fixed_landmarks))
+    atomic_write(workdir / FILES["moving_landmarks"], lambda tmp: np.save(tmp, pair.moving_landmarks))
     write_elastix_points(workdir / FILES["fixed_points"], pair.fixed_landmarks)
     torch.manual_seed(SEED)
-    torch.save(RRN().state_dict(), workdir / FILES["weights"])
+    weights = RRN().state_dict()
+    atomic_write(workdir / FILES["weights"], lambda tmp: torch.save(weights, tmp))
     spacing = [float(s) for s in torch.linalg.norm(torch.as_tensor(pair.fixed.affine)[:3, :3], dim=0)]
     info = {
         "source": str(data_root() / POPI),
@@ -121,7 +123,7 @@ def prepare_worker(workdir: Path) -> dict:
         "make_pair_s": round(pair_s, 2),
         "tre_before_mm": _tre(pair.initial_errors()),
     }
-    (workdir / FILES["pair"]).write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(workdir / FILES["pair"], json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -515,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         "Elastix: GetDefaultParameterMap('affine') then ('bspline'), unchanged (no masks, no automatic transform "
         f"initialisation), {ELASTIX_THREADS} threads; TRE from transformix on the fixed landmarks.",
     ]
-    path.write_text(path.read_text() + "\n".join(lines) + "\n")
+    atomic_write_text(path, path.read_text(encoding="utf-8") + "\n".join(lines) + "\n")
     print(f"wrote {path}")
     failed = [name for name, got in (("ours", ours), ("elastix", elastix)) if "error" in got]
     return 1 if failed else 0

@@ -46,6 +46,7 @@ from bench._measure import (
     timed_calls,
     write_results,
 )
+from shared_ops.atomic import atomic_write_text
 
 BATCH = 8
 TILE = 256
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             "aten::_slow_conv2d_forward, so the bf16 row times one 64x64 tile; one 256x256 tile took 348 s in a "
             "one-off run (float32: 0.75 s). Do not use `amp` (bf16 autocast) for training or inference on such CPUs."
         )
-    path.write_text(path.read_text() + "\n".join(notes) + "\n")
+    atomic_write_text(path, path.read_text(encoding="utf-8") + "\n".join(notes) + "\n")
     print(f"wrote {path}")
 
 

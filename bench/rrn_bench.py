@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench._measure import device_description, peak_memory_mb, run_worker, synchronize, timed_calls, write_results
+from shared_ops.atomic import atomic_write_text
 
 SIZES = (128, 256)
 FIELD_INIT_STD = 0.01
@@ -361,7 +362,7 @@ def write_report(payload: dict) -> Path:
             "allocation events: the tensors a GPU would hold (without cuDNN workspaces), which is what the 6 GiB GPU "
             "target counts; 'kept for backward' is what autograd holds between forward and backward."
         )
-    path.write_text(path.read_text() + "\n".join(notes) + "\n")
+    atomic_write_text(path, path.read_text(encoding="utf-8") + "\n".join(notes) + "\n")
     return path
 
 

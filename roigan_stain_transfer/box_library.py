@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,8 @@ from skimage.color import hed2rgb, rgb2gray, rgb2hed
 from skimage.feature import blob_log
 from skimage.filters import gaussian, threshold_otsu
 from skimage.morphology import closing, dilation, disk
+
+from shared_ops.atomic import atomic_write
 
 __all__ = [
     "CANCER",
@@ -438,27 +439,21 @@ def _record_problem(record: BoxRecord) -> str | None:
 
 
 def write_library_csv(path: str | os.PathLike, records: Iterable[BoxRecord | Sequence]) -> Path:
-    """Write ``records`` to the CSV ``path`` atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write ``records`` to the CSV ``path`` atomically (:func:`shared_ops.atomic.atomic_write`)."""
     path = Path(path)
     rows = [BoxRecord(str(r[0]), *(int(v) for v in r[1:6])) for r in records]
     for number, row in enumerate(rows):
         problem = _record_problem(row)
         if problem:
             raise ValueError(f"record {number} for {path}: {problem}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", newline="", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_COLUMNS)
             writer.writerows(rows)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def _parse_int(text: str, column: str, where: str) -> int:

@@ -10,7 +10,8 @@
   H&E, annotation, synthetic IHC, DAB mask for the first few tiles).
 * :class:`SaveTiles` (a handler) writes every synthetic tile as an RGB PNG (inference).
 
-Every file is written atomically: to a temporary file in the destination folder, then ``os.replace``.
+Every file is written atomically, through the project's one helper :mod:`shared_ops.atomic` (a temporary file in the
+destination folder, then ``os.replace``); :func:`atomic_write_bytes` is re-exported from there.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from PIL import Image
 from roigan_stain_transfer.box_library import RELEASED_CODE, BoxLibraryParams, resolve_preset
 from roigan_stain_transfer.data import HE_KEY, IHC_KEY, MASK_KEY, NAME_KEY
 from roigan_stain_transfer.metrics import mask_scores, psnr, ssim, summarize, synthetic_dab_mask, tiles_to_uint8
+from shared_ops.atomic import atomic_write_bytes
 from shared_ops.engines import engine_autocast
 
 __all__ = [
@@ -63,26 +64,6 @@ CSV_FIELDS = (
     "ssim",
 )
 SUMMARY_FIELDS = ("dice", "bac", "sensitivity", "specificity", "dab_coverage", "psnr", "ssim")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Atomic files
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _png_bytes(image: np.ndarray) -> bytes:

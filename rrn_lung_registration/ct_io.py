@@ -67,7 +67,7 @@ import torch
 from monai.data import ImageReader, ITKReader, MetaTensor
 from monai.data.utils import is_no_channel, orientation_ras_lps
 
-from rrn_lung_registration.io_utils import atomic_write
+from shared_ops.atomic import atomic_write
 
 __all__ = [
     "DIRLAB_GEOMETRY",

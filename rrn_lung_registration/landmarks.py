@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rrn_lung_registration.io_utils import atomic_write
+from shared_ops.atomic import atomic_write
 
 __all__ = [
     "LANDMARK_FORMATS",

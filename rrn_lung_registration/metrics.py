@@ -16,8 +16,8 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
 from rrn_lung_registration.data import IMAGE_KEYS, LANDMARK_KEYS
-from rrn_lung_registration.io_utils import atomic_write
 from rrn_lung_registration.landmarks import landmark_errors, summarize_errors
+from shared_ops.atomic import atomic_write
 
 __all__ = ["TargetRegistrationError", "TREReportWriter"]
 

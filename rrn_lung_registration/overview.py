@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from rrn_lung_registration.fields import jacobian_determinant
-from rrn_lung_registration.io_utils import atomic_write
+from shared_ops.atomic import atomic_write
 
 __all__ = ["save_overview"]
 

@@ -58,7 +58,7 @@ from scipy import ndimage
 
 from rrn_lung_registration import landmarks as landmarks_io
 from rrn_lung_registration.fields import jacobian_determinant
-from rrn_lung_registration.io_utils import atomic_write
+from shared_ops.atomic import atomic_write
 
 __all__ = [
     "PhantomPair",

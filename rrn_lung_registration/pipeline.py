@@ -51,7 +51,6 @@ from monai.data import MetaTensor
 
 from rrn_lung_registration.ct_io import read_ct, read_displacement_field, write_displacement_field, write_image
 from rrn_lung_registration.instance import finetune_network, optimise_field
-from rrn_lung_registration.io_utils import atomic_write
 from rrn_lung_registration.landmarks import LPS_TO_RAS, summarize_errors, write_landmarks_csv
 from rrn_lung_registration.losses import RegistrationLoss
 from rrn_lung_registration.lung_mask import axial_axis_from_affine, check_ct_intensities, lung_bounding_box, lung_mask
@@ -59,6 +58,7 @@ from rrn_lung_registration.overview import save_overview
 from rrn_lung_registration.prealign import PrealignSettings, prealign, window_hu
 from rrn_lung_registration.spatial import Grid, sample_voxels, sample_world
 from rrn_lung_registration.transform import RegistrationTransform
+from shared_ops.atomic import atomic_write
 
 __all__ = [
     "LungRegistration",

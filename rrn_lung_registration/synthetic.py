@@ -103,8 +103,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from rrn_lung_registration.ct_io import write_image
-from rrn_lung_registration.io_utils import atomic_write
 from rrn_lung_registration.landmarks import LPS_TO_RAS, voxel_to_world, write_landmarks_csv
+from shared_ops.atomic import atomic_write
 
 __all__ = [
     "BreathingMotion",

@@ -37,6 +37,7 @@ from rrn_lung_registration.overview import save_overview
 from rrn_lung_registration.phantom import make_dataset
 from rrn_lung_registration.warp import Warp3d
 from shared_ops import RoIAlign, correlation_displacements, local_cost_correlation_3d
+from shared_ops.atomic import atomic_write, atomic_write_text
 from shared_ops.checkpoints import load_network_weights
 
 OUTPUT = Path("demo_output")
@@ -83,7 +84,7 @@ def registration_demo(grid: int, epochs: int) -> None:
     datalist = make_dataset(root / "data", n_pairs=4, shape=(grid, grid, grid), seed=2024, n_validation=1)
     sections = json.loads(datalist.read_text())
     sections["test"] = sections["validation"]
-    datalist.write_text(json.dumps(sections, indent=2))
+    atomic_write_text(datalist, json.dumps(sections, indent=2))
     print(f"RRN registration: 4 phantom pairs at {grid}^3 (3 train, 1 held out) in {time.perf_counter() - start:.0f} s")
 
     start = time.perf_counter()
@@ -243,9 +244,7 @@ def roi_align_demo() -> Path:
     montage = np.concatenate(list(np.kron(strip, np.ones((4, 4, 1), dtype=np.uint8))), axis=1)
     OUTPUT.mkdir(exist_ok=True)
     path = OUTPUT / "roi_align_ihc_boxes.png"
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(montage).save(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: Image.fromarray(montage).save(tmp))  # PNG, from the suffix
     print(f"RoIAlign: 4 boxes of 48x48 px pooled from skimage's IHC image -> {tuple(crops.shape)}; wrote {path}")
     return path
 

@@ -15,11 +15,18 @@ import sys
 import zipfile
 from pathlib import Path
 
+from shared_ops.atomic import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared_ops", "rrn_lung_registration", "roigan_stain_transfer")
 PACKAGE_DEPENDENCIES = {"rrn_lung_registration": ("shared_ops",), "roigan_stain_transfer": ("shared_ops",)}
 SKIP_PARTS = {"__pycache__", "models", "eval", "logs", ".pytest_cache"}
 SKIP_SUFFIXES = {".pyc", ".so", ".tmp"}
+
+
+def _is_partial(path: Path) -> bool:
+    """A temporary file left by an interrupted atomic write (``shared_ops.atomic.temporary_sibling``)."""
+    return path.name.startswith(".") and ".partial" in path.name
 
 
 def packages_used(bundle: Path) -> list[str]:
@@ -34,18 +41,24 @@ def pack(bundle: Path, out_dir: Path) -> Path:
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     name = bundle.name
     target = out_dir / f"{name}_v{metadata['version']}.zip"
-    tmp = target.with_suffix(".zip.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(bundle.rglob("*")):
-            rel = path.relative_to(bundle)
-            if path.is_file() and not SKIP_PARTS.intersection(rel.parts):
-                archive.write(path, f"{name}/{rel.as_posix()}")
-        for package in packages_used(bundle):
-            for path in sorted((ROOT / package).rglob("*")):
-                if path.is_file() and "__pycache__" not in path.parts and path.suffix not in SKIP_SUFFIXES:
-                    archive.write(path, f"{name}/{path.relative_to(ROOT).as_posix()}")
-    tmp.replace(target)
-    return target
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(bundle.rglob("*")):
+                rel = path.relative_to(bundle)
+                if path.is_file() and not SKIP_PARTS.intersection(rel.parts) and not _is_partial(path):
+                    archive.write(path, f"{name}/{rel.as_posix()}")
+            for package in packages_used(bundle):
+                for path in sorted((ROOT / package).rglob("*")):
+                    if (
+                        path.is_file()
+                        and "__pycache__" not in path.parts
+                        and path.suffix not in SKIP_SUFFIXES
+                        and not _is_partial(path)
+                    ):
+                        archive.write(path, f"{name}/{path.relative_to(ROOT).as_posix()}")
+
+    return atomic_write(target, write)
 
 
 def main() -> int:

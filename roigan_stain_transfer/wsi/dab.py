@@ -25,7 +25,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk
 
 from roigan_stain_transfer.box_library import RELEASED_CODE, BoxLibraryParams, dab_grey
-from roigan_stain_transfer.wsi.stitching import RowReducer
+from roigan_stain_transfer.wsi.stitching import RowReducer, spans
 
 __all__ = ["DabAccumulator", "DabRegions", "dab_regions", "heat_colours", "overlay"]
 
@@ -39,17 +39,12 @@ _RAMP = (
 )
 
 
-def _dab_grey_of_content(rows: np.ndarray, block: int = 64) -> np.ndarray:
-    """DAB grey ``(h, W)`` of a band ``(h, W, 3)`` uint8, computed only on column blocks that are not pure white
-    (white, the background, has grey exactly 1)."""
-    grey = np.ones(rows.shape[:2], dtype=np.float64)
-    width = rows.shape[1]
-    blocks = -(-width // block)
-    content = np.zeros(blocks * block, dtype=bool)
-    content[:width] = np.any(rows != 255, axis=(0, 2))
-    busy = content.reshape(blocks, block).any(axis=1)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], busy.astype(np.int8), [0]])))
-    for start, stop in zip(edges[::2] * block, np.minimum(edges[1::2] * block, width), strict=True):
+def _dab_grey_of_content(rows: np.ndarray) -> np.ndarray:
+    """DAB grey ``(h, W)`` float32 of a band ``(h, W, 3)`` uint8, computed only on the column spans that are not
+    pure white (white, the background, has grey exactly 1)."""
+    grey = np.ones(rows.shape[:2], dtype=np.float32)
+    content = (np.bitwise_and.reduce(rows, axis=0) != 255).any(axis=-1)
+    for start, stop in spans(content):
         grey[:, start:stop] = dab_grey(rows[:, start:stop])
     return grey
 
@@ -105,10 +100,12 @@ def dab_regions(
 
 def heat_colours(grey: np.ndarray) -> np.ndarray:
     """RGB heat map ``(h', w', 3)`` uint8 of a DAB grey ``(h', w')``: white (no DAB) to dark brown (strong DAB)."""
-    strength = np.clip(1.0 - np.asarray(grey, dtype=np.float64), 0.0, 1.0)
+    strength = np.clip(1.0 - np.asarray(grey, dtype=np.float32), 0.0, 1.0)
     positions = [p for p, _ in _RAMP]
-    channels = [np.interp(strength, positions, [c[i] for _, c in _RAMP]) for i in range(3)]
-    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+    out = np.empty((*strength.shape, 3), dtype=np.uint8)
+    for i in range(3):
+        out[..., i] = np.rint(np.interp(strength, positions, [c[i] for _, c in _RAMP]))
+    return out
 
 
 def overlay(image: np.ndarray, grey: np.ndarray, positive: np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -116,8 +113,9 @@ def overlay(image: np.ndarray, grey: np.ndarray, positive: np.ndarray, alpha: fl
     the ``positive`` regions drawn in blue."""
     from skimage.segmentation import find_boundaries
 
-    strength = np.clip(1.0 - np.asarray(grey, dtype=np.float32), 0.0, 1.0)[..., None]
-    weight = alpha * np.clip(strength * 2.0, 0.0, 1.0)
-    out = image.astype(np.float32) * (1 - weight) + heat_colours(grey).astype(np.float32) * weight
+    weight = alpha * np.clip((1.0 - np.asarray(grey, dtype=np.float32)) * 2.0, 0.0, 1.0)[..., None]
+    out = image.astype(np.float32)
+    out *= 1 - weight
+    out += heat_colours(grey) * weight
     out[find_boundaries(positive, mode="inner")] = (20, 60, 230)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

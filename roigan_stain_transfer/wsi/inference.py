@@ -377,7 +377,14 @@ def infer_slide(
     if settings.normalization != "tile" and len(selected):
         generator = copy.deepcopy(generator)  # the statistics layers replace the generator's own
         spacing, origin, shape = _statistics_grid(grid, settings.stats_stride)
-        norm = SlideNormalization(generator, settings.normalization, spacing, origin, shape, settings.stats_sigma)
+        norm = SlideNormalization(
+            generator,
+            settings.normalization,
+            grid_spacing=spacing,
+            grid_origin=origin,
+            grid_shape=shape,
+            sigma=settings.stats_sigma,
+        )
     amp_dtype = autocast_dtype(device, settings.amp)
     label = slide.path.name
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from roigan_stain_transfer.wsi.tiling import TileGrid
 
-__all__ = ["BandBlender", "RowReducer"]
+__all__ = ["BandBlender", "RowReducer", "spans"]
 
 RowsCallback = Callable[[int, np.ndarray], None]
 
@@ -49,6 +49,7 @@ class BandBlender:
         self._row_sums = row_sums
         self._col_sums = col_sums[None, :, None]
         self._acc = np.zeros((grid.tile_size, width, channels), dtype=np.float32)
+        self._touched = np.zeros((grid.tile_size, width), dtype=bool)  # where self._acc may be non-zero
         self._top = 0  # output row held by self._acc[0]
         self._next_tile = 0  # flat index the next tile must have at least
         self._tile_row = 0  # grid row currently being accumulated
@@ -64,11 +65,15 @@ class BandBlender:
         count = row - self._top
         if count <= 0:
             return
-        weights = self._row_sums[self._top : row, None, None] * self._col_sums
-        rows = self.background + self._acc[:count] / weights
-        self.emit(self._top, np.clip(np.rint(rows), 0, 255).astype(np.uint8))
-        self._acc[:-count] = self._acc[count:].copy() if count < len(self._acc) else 0.0
-        self._acc[max(0, len(self._acc) - count) :] = 0.0
+        rows = np.full((count, self._acc.shape[1], self._acc.shape[2]), self.background, dtype=np.float32)
+        for left, right in spans(self._touched[:count].any(axis=0)):  # columns no tile reached stay background
+            weights = self._row_sums[self._top : row, None, None] * self._col_sums[:, left:right]
+            rows[:, left:right] += self._acc[:count, left:right] / weights
+        np.rint(rows, out=rows)
+        self.emit(self._top, np.clip(rows, 0, 255, out=rows).astype(np.uint8))
+        for array in (self._acc, self._touched):
+            array[: len(array) - count] = array[count:].copy()
+            array[len(array) - count :] = 0
         self._top = row
 
     def _advance_to_row(self, tile_row: int) -> None:
@@ -93,6 +98,7 @@ class BandBlender:
         left = int(self.grid.cols[tile_col])
         region = self._acc[top : top + size, left : left + size]
         region += self._window * (np.asarray(tile, dtype=np.float32) - self.background)
+        self._touched[top : top + size, left : left + size] = True
         self._next_tile = int(index) + 1
 
     def close(self) -> None:
@@ -101,6 +107,12 @@ class BandBlender:
             self._advance_to_row(len(self.grid.rows) - 1)
             self._flush_until(self.grid.shape[0])
             self._done = True
+
+
+def spans(flags: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the runs of True in a 1-D bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 class RowReducer:
@@ -134,19 +146,26 @@ class RowReducer:
     def add(self, rows: np.ndarray) -> None:
         """Add the next band of rows ``(h, W, C)``."""
         values = self.transform(rows) if self.transform is not None else rows
-        values = np.asarray(values, dtype=np.float32)
+        values = np.asarray(values)
         if values.ndim == 2:
             values = values[..., None]
         start = self._rows
         self._rows += len(values)
         if self._rows > self.height:
             raise ValueError(f"RowReducer: {self._rows} rows given for an image of {self.height}")
+        # rows first (contiguous, shrinks the data by the factor), then columns
+        first_out, last_out = start // self.factor, (self._rows - 1) // self.factor
+        bounds = [max(start, r * self.factor) - start for r in range(first_out, last_out + 2)]
+        bounds[-1] = len(values)
+        row_sums = np.stack(
+            [values[a:b].sum(axis=0, dtype=np.float32) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        )
         out_w = self.image.shape[1]
         pad = out_w * self.factor - self.width
         if pad:
-            values = np.concatenate([values, np.zeros((len(values), pad, values.shape[2]), np.float32)], axis=1)
-        column_sums = values.reshape(len(values), out_w, self.factor, -1).sum(axis=2)
-        np.add.at(self.image, (np.arange(start, self._rows) // self.factor,), column_sums / self._col_counts)
+            row_sums = np.concatenate([row_sums, np.zeros((len(row_sums), pad, row_sums.shape[2]), np.float32)], axis=1)
+        sums = row_sums.reshape(len(row_sums), out_w, self.factor, -1).sum(axis=2)
+        self.image[first_out : last_out + 1] += sums / self._col_counts
 
     def result(self) -> np.ndarray:
         """The reduced image ``(h', w', C)`` float32, area means (call after the last band)."""

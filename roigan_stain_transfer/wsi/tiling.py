@@ -134,9 +134,9 @@ def tissue_fractions(grid: TileGrid, tissue: np.ndarray, factor: float) -> np.nd
 
     ``tissue`` is a ``(h, w)`` bool mask whose pixel covers ``factor`` x ``factor`` output-grid pixels.
     """
-    tissue = np.asarray(tissue, dtype=np.float64)
-    integral = np.zeros((tissue.shape[0] + 1, tissue.shape[1] + 1))
-    integral[1:, 1:] = tissue.cumsum(0).cumsum(1)
+    tissue = np.asarray(tissue, dtype=bool)
+    integral = np.zeros((tissue.shape[0] + 1, tissue.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = tissue.cumsum(0, dtype=np.int64).cumsum(1)
     origins = grid.origins()
 
     def span(start: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,9 @@ Where the library lives: ``$SHARED_OPS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOM
 else ``~/.cache/monai-rrn-roigan/native``. Its file name carries a hash of the source, the compiler (its
 resolved path, size and modification time), the flags and the CPU (``-march=native`` code must not be
 reused on another processor), so a changed source or compiler gets a fresh build and stale builds are
-never loaded. A build goes to a private temporary file that is then renamed into place, so processes that
-build at the same time do not see each other's half-written files; the last rename wins, and both results
-are identical.
+never loaded. A build goes to a private temporary file next to the library (named by
+:func:`shared_ops.atomic.temporary_sibling`) that is then renamed into place, so processes that build at the
+same time do not see each other's half-written files; the last rename wins, and both results are identical.
 
 Compiler: ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``. Flag sets are tried in
 order, from ``-O3 -march=native -fopenmp`` down to plain ``-O3`` (a compiler without OpenMP gives a
@@ -38,7 +38,6 @@ import platform
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from shared_ops.atomic import temporary_sibling
 
 __all__ = [
     "ENV_CACHE_DIR",
@@ -166,9 +167,9 @@ def build_library(name: str, directory: Path | None = None) -> Path:
         raise NativeBuildError(f"cannot create the cache directory {directory}: {error}") from error
     failures = []
     for flags in FLAG_SETS:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".so.tmp", dir=directory)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        # The shared temporary name (:func:`shared_ops.atomic.temporary_sibling`), but not ``atomic_write``: the
+        # library is made 0o755 before the rename, and a failed flag set is not an exception.
+        tmp = temporary_sibling(target)
         command = [*compiler, *flags, *_COMMON_FLAGS, str(source_path), "-o", str(tmp)]
         logger.debug("compiling %s: %s", name, shlex.join(command))
         try:

@@ -244,7 +244,7 @@ def test_evaluation_report_files(tiny_set, tmp_path):
     assert summary["psnr"]["count"] == 4
     with Image.open(tmp_path / "eval" / "grid.png") as grid:
         assert grid.size == (4 * TINY + 3 * 4, 2 * TINY + 4) and grid.mode == "RGB"
-    assert not list((tmp_path / "eval").glob(".*tmp"))
+    assert not list((tmp_path / "eval").glob(".*"))  # no temporary file left
 
 
 def test_evaluation_report_scores_known_masks(tmp_path):
