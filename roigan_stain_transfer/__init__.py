@@ -3,7 +3,8 @@
 Submodules: ``networks`` (ResNet generator, PatchGAN and RoI discriminators), ``losses`` (LSGAN, cycle,
 identity, replay buffer), ``box_library`` (automatic cell boxes), ``data`` (tile sources, training / evaluation
 datasets, balanced box sampling, resumable sampler), ``engines`` (MONAI trainer and training helpers),
-``evaluation`` (evaluator, DICE/BAC report, tile writer) and ``metrics``.
+``evaluation`` (evaluator, DICE/BAC report, tile writer), ``metrics``, and the subpackage ``wsi`` (whole slides in
+and out: tiling by microns per pixel, annotations, streaming inference to pyramidal TIFF, virtual DAB regions).
 
 After ``import roigan_stain_transfer`` every submodule is reachable as an attribute, so bundle configs can write
 ``roigan_stain_transfer.<submodule>.<name>``. Submodules are imported on first access (PEP 562) rather than
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-SUBMODULES = ("box_library", "data", "engines", "evaluation", "losses", "metrics", "networks")
+SUBMODULES = ("box_library", "data", "engines", "evaluation", "losses", "metrics", "networks", "wsi")
 
 __all__ = list(SUBMODULES)
 

@@ -97,12 +97,12 @@ def infer_slide(
         summary = inference.infer_slide(source, output, generator, settings, device, overwrite)
         print(_summary_line(summary))
         return
-    results = inference.infer_slides(source, output, generator, settings, device, overwrite)
+    try:
+        results = inference.SlideInferer(generator, settings, device, overwrite)(source, output)
+    except RuntimeError as error:
+        raise SystemExit(f"error: {error}") from None
     for result in results:
         print(_summary_line(result))
-    failed = [r for r in results if "error" in r]
-    if failed:
-        raise SystemExit(f"{len(failed)} of {len(results)} slide(s) failed; see {Path(output) / 'summary.csv'}")
 
 
 def _summary_line(summary: dict) -> str:

@@ -13,4 +13,43 @@ Conventions (stated once, used by every module of this subpackage):
 * The "output grid" is the raster at the requested resolution (microns per pixel) on which tiles are cut and
   the virtual slide is written; its pixel ``(r, c)`` covers level-0 pixels ``[c * s, (c + 1) * s)`` with
   ``s = output mpp / level-0 mpp``.
+
+Modules (imported on first access, so that ``roigan_stain_transfer.wsi.inference`` works in bundle configs):
+``slide`` (open by mpp), ``tissue`` (overview, tissue mask), ``tiling`` (tile grid, MONAI patch dataset),
+``stitching`` (blending into row bands), ``pyramid`` (streaming pyramidal TIFF writer), ``normalization``
+(slide-consistent instance normalisation), ``dab`` (virtual DAB heat map and regions), ``annotations`` (ASAP XML,
+QuPath GeoJSON), ``inference`` (whole-slide inference, many slides, torchrun) and ``extraction`` (training tiles
+and box libraries from slides).
 """
+
+# no ``from __future__ import annotations`` here: it would bind the name ``annotations`` in this package and hide
+# the submodule of that name
+import importlib
+from types import ModuleType
+
+SUBMODULES = (
+    "annotations",
+    "dab",
+    "extraction",
+    "inference",
+    "normalization",
+    "pyramid",
+    "slide",
+    "stitching",
+    "tiling",
+    "tissue",
+)
+
+__all__ = list(SUBMODULES)
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(SUBMODULES))

@@ -57,6 +57,7 @@ __all__ = [
     "AMP_MODES",
     "SLIDE_SUFFIXES",
     "SlideInferenceSettings",
+    "SlideInferer",
     "autocast_dtype",
     "find_slides",
     "infer_slide",
@@ -608,6 +609,7 @@ def infer_slides(
         except Exception as error:  # reported in the summary; the run as a whole fails
             logger.error("%s: %s", slide, error)
             results.append({"slide": str(slide), "error": f"{type(error).__name__}: {error}"})
+        results[-1]["rank"] = rank
     if world > 1:
         import torch.distributed as dist
 
@@ -649,3 +651,36 @@ def _write_run_summary(output_dir: Path, results: list[dict[str, Any]]) -> None:
         )
     atomic_write_text(output_dir / "summary.csv", _csv_text(rows, fields))
     atomic_write_text(output_dir / "summary.json", json.dumps(results, indent=2, default=_json_default))
+
+
+class SlideInferer:
+    """Whole-slide inference as one callable, for bundle configs and the command line.
+
+    ``SlideInferer(network, settings, device, overwrite)(slides, output_dir)`` runs :func:`infer_slides` and
+    raises ``RuntimeError`` naming the slides that failed (after the others have run), so that a run with a
+    failed slide never ends with exit code 0.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        settings: SlideInferenceSettings | None = None,
+        device: str | torch.device | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.network = network
+        self.settings = settings or SlideInferenceSettings()
+        self.device = device
+        self.overwrite = overwrite
+
+    def __call__(
+        self, slides: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike
+    ) -> list[dict[str, Any]]:
+        results = infer_slides(slides, output_dir, self.network, self.settings, self.device, self.overwrite)
+        failed = [r for r in results if "error" in r]
+        if failed:
+            details = "; ".join(f"{r['slide']}: {r['error']}" for r in failed)
+            raise RuntimeError(
+                f"{len(failed)} of {len(results)} slide(s) failed ({details}); see {output_dir}/summary.csv"
+            )
+        return results
