@@ -39,7 +39,7 @@ from roigan_stain_transfer.wsi import annotations as ann
 from roigan_stain_transfer.wsi.slide import open_slide
 from roigan_stain_transfer.wsi.tiling import TileGrid, tile_dataset, tissue_fractions
 from roigan_stain_transfer.wsi.tissue import overview_factor, read_overview, tissue_mask
-from shared_ops.atomic import atomic_write, atomic_write_text
+from shared_ops.atomic import atomic_write_text, temporary_sibling
 
 __all__ = ["ANNOTATION_SUFFIXES", "extract_training_tiles", "find_annotation"]
 
@@ -106,6 +106,71 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+class _PngTiles:
+    """Tiles (and masks) as PNG files in staging folders, renamed into place at :meth:`commit`."""
+
+    def __init__(self, tiles: Path, masks: Path | None) -> None:
+        self.final = {"tiles": tiles, "masks": masks}
+        self.staging = {k: p.with_name(f".{p.name}.partial") for k, p in self.final.items() if p is not None}
+        for folder in self.staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        self.count = 0
+
+    def add(self, name: str, image: np.ndarray, mask: np.ndarray | None) -> str:
+        (self.staging["tiles"] / name).write_bytes(_png_bytes(image))
+        if mask is not None:
+            (self.staging["masks"] / name).write_bytes(_png_bytes(mask.astype(np.uint8) * 255))
+        self.count += 1
+        return name
+
+    def commit(self) -> None:
+        for key, folder in self.staging.items():
+            os.replace(folder, self.final[key])
+
+    def abort(self) -> None:
+        for folder in self.staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Hdf5Tiles:
+    """Tiles in dataset ``x`` (N, T, T, 3) uint8, masks in ``y`` (N, T, T) bool and level-0 corners in ``coords``
+    (N, 2) float64 of one HDF5 file, appended tile by tile to a temporary file renamed at :meth:`commit`."""
+
+    def __init__(self, path: Path, tile_size: int, with_masks: bool) -> None:
+        import h5py
+
+        self.path = path
+        self.tmp = temporary_sibling(path)
+        self.handle = h5py.File(self.tmp, "w")
+        size = (tile_size, tile_size)
+        self.x = self.handle.create_dataset(
+            "x", (0, *size, 3), np.uint8, maxshape=(None, *size, 3), chunks=(1, *size, 3), compression="gzip"
+        )
+        self.y = None
+        if with_masks:
+            self.y = self.handle.create_dataset("y", (0, *size), bool, maxshape=(None, *size), chunks=(1, *size))
+        self.coords = self.handle.create_dataset("coords", (0, 2), np.float64, maxshape=(None, 2))
+        self.count = 0
+
+    def add(self, name: str, image: np.ndarray, mask: np.ndarray | None, corner: tuple[float, float]) -> str:
+        for dataset, value in ((self.x, image), (self.y, mask), (self.coords, np.asarray(corner))):
+            if dataset is not None:
+                dataset.resize(self.count + 1, axis=0)
+                dataset[self.count] = value
+        self.count += 1
+        return f"{self.path.name}:{self.count - 1}"
+
+    def commit(self) -> None:
+        self.handle.close()
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.handle.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def extract_training_tiles(
     slides: str | os.PathLike | Iterable[str | os.PathLike],
     output: str | os.PathLike,
@@ -150,86 +215,41 @@ def extract_training_tiles(
     existing = [p for p in (*targets, paths["index"], paths["library"]) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the tile set")
-    for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     rng = np.random.default_rng(seed)
-    tiles: list[np.ndarray] = []  # HDF5 only
-    masks: list[np.ndarray] = []
+    with_masks = stain == "he"
     rows: list[dict[str, Any]] = []
     per_slide: dict[str, dict[str, int]] = {}
-    staging = {key: p.with_name(f".{p.name}.partial") for key, p in paths.items() if key in ("tiles", "masks")}
-    for folder in staging.values():
-        shutil.rmtree(folder, ignore_errors=True)
-        if format == "png":
-            folder.mkdir(parents=True)
-    with_masks = stain == "he"
-    for slide_path in slide_paths:
-        slide = open_slide(slide_path, mpp, slide_mpp, backend)
-        try:
-            grid = TileGrid.over(slide.grid.shape, tile_size, overlap=0)
-            factor = overview_factor(slide.grid.shape)
-            tissue = tissue_mask(read_overview(slide, factor))
-            tissue_frac = tissue_fractions(grid, tissue, factor)
-            polygons, tumour_frac = None, None
-            if with_masks:
-                polygons = ann.read_annotations(find_annotation(slide_path, Path(annotations)))
-                d = slide.grid.downsample
-                overview_tumour = ann.rasterize(polygons, tissue.shape, downsample=factor * d, labels=labels)
-                tumour_frac = tissue_fractions(grid, overview_tumour, factor)
-            chosen = _select_tiles(tissue_frac, tumour_frac, tiles_per_class, min_tissue, tumour_fraction, rng)
-            dataset = tile_dataset(slide, grid, chosen)
-            counts = {"tumour": 0, "normal": 0, "tiles": 0}
-            for item in tqdm(dataset, total=len(chosen), desc=f"{slide_path.name}: tiles", disable=not progress):
-                index = item["tile"]
-                row, col = (int(v) for v in grid.origins([index])[0])
-                image = item["image"].permute(1, 2, 0).numpy()
-                name = f"{slide_path.stem}_r{row:06d}_c{col:06d}.png"
-                x0, y0 = col * slide.grid.downsample, row * slide.grid.downsample
-                mask = None
-                if with_masks:
-                    mask = ann.rasterize(
-                        polygons,
-                        (tile_size, tile_size),
-                        downsample=slide.grid.downsample,
-                        origin=(x0, y0),
-                        labels=labels,
-                    )
-                    counts["tumour" if tumour_frac[index] >= tumour_fraction else "normal"] += 1
-                counts["tiles"] += 1
-                if format == "png":
-                    (staging["tiles"] / name).write_bytes(_png_bytes(image))
-                    if mask is not None:
-                        (staging["masks"] / name).write_bytes(_png_bytes(mask.astype(np.uint8) * 255))
-                else:
-                    tiles.append(image)
-                    if mask is not None:
-                        masks.append(mask)
-                rows.append(
-                    {
-                        "tile": name if format == "png" else f"{paths['h5'].name}:{len(tiles) - 1}",
-                        "slide": str(slide_path),
-                        "x": f"{x0:.1f}",
-                        "y": f"{y0:.1f}",
-                        "mpp": slide.grid.mpp,
-                        "tissue_fraction": f"{tissue_frac[index]:.4f}",
-                        "tumour_fraction": "" if tumour_frac is None else f"{tumour_frac[index]:.4f}",
-                    }
-                )
-            per_slide[str(slide_path)] = counts
-        finally:
-            slide.close()
-    if not rows:
-        raise ValueError(f"no tiles extracted from {len(slide_paths)} slide(s): no tissue tile met the criteria")
-
     if format == "png":
-        for key, folder in staging.items():
-            if key == "masks" and not with_masks:
-                folder.rmdir()
-                continue
-            os.replace(folder, paths[key])
+        sink = _PngTiles(paths["tiles"], paths["masks"] if with_masks else None)
     else:
-        _write_h5(paths["h5"], tiles, masks if with_masks else None, rows)
+        sink = _Hdf5Tiles(paths["h5"], tile_size, with_masks)
+    try:
+        for slide_path in slide_paths:
+            per_slide[str(slide_path)] = _extract_slide(
+                slide_path,
+                sink,
+                rows,
+                annotations=annotations if with_masks else None,
+                mpp=mpp,
+                slide_mpp=slide_mpp,
+                tile_size=tile_size,
+                tiles_per_class=tiles_per_class,
+                min_tissue=min_tissue,
+                tumour_fraction=tumour_fraction,
+                labels=labels,
+                backend=backend,
+                rng=rng,
+                progress=progress,
+            )
+        if not rows:
+            raise ValueError(f"no tiles extracted from {len(slide_paths)} slide(s): no tissue tile met the criteria")
+        for path in existing:  # the earlier tile set goes only once the new one is complete
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(_FIELDS), lineterminator="\n")
     writer.writeheader()
@@ -252,16 +272,64 @@ def extract_training_tiles(
     return result
 
 
-def _write_h5(path: Path, tiles: list[np.ndarray], masks: list[np.ndarray] | None, rows: list[dict]) -> None:
-    import h5py
-
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("x", data=np.stack(tiles), chunks=(1, *tiles[0].shape), compression="gzip")
-            if masks is not None:
-                handle.create_dataset("y", data=np.stack(masks), chunks=(1, *masks[0].shape), compression="gzip")
-            coords = np.array([[float(r["x"]), float(r["y"])] for r in rows])
-            handle.create_dataset("coords", data=coords)
-            handle["x"].attrs["slides"] = [r["slide"] for r in rows]
-
-    atomic_write(path, write)
+def _extract_slide(
+    slide_path: Path,
+    sink: _PngTiles | _Hdf5Tiles,
+    rows: list[dict[str, Any]],
+    *,
+    annotations: str | os.PathLike | None,
+    mpp: float,
+    slide_mpp: float | None,
+    tile_size: int,
+    tiles_per_class: int,
+    min_tissue: float,
+    tumour_fraction: float,
+    labels: Sequence[str] | None,
+    backend: str,
+    rng: np.random.Generator,
+    progress: bool,
+) -> dict[str, int]:
+    """Extract one slide's tiles into ``sink``, appending their index rows; returns the counts."""
+    slide = open_slide(slide_path, mpp, slide_mpp, backend)
+    try:
+        grid = TileGrid.over(slide.grid.shape, tile_size, overlap=0)
+        factor = overview_factor(slide.grid.shape)
+        tissue = tissue_mask(read_overview(slide, factor))
+        tissue_frac = tissue_fractions(grid, tissue, factor)
+        polygons, tumour_frac = None, None
+        d = slide.grid.downsample
+        if annotations is not None:
+            polygons = ann.read_annotations(find_annotation(slide_path, Path(annotations)))
+            tumour_frac = tissue_fractions(
+                grid, ann.rasterize(polygons, tissue.shape, factor * d, labels=labels), factor
+            )
+        chosen = _select_tiles(tissue_frac, tumour_frac, tiles_per_class, min_tissue, tumour_fraction, rng)
+        counts = {"tumour": 0, "normal": 0, "tiles": 0}
+        dataset = tile_dataset(slide, grid, chosen)
+        for item in tqdm(dataset, total=len(chosen), desc=f"{slide_path.name}: tiles", disable=not progress):
+            index = item["tile"]
+            row, col = (int(v) for v in grid.origins([index])[0])
+            corner = (col * d, row * d)
+            mask = None
+            if polygons is not None:
+                mask = ann.rasterize(polygons, (tile_size, tile_size), downsample=d, origin=corner, labels=labels)
+                counts["tumour" if tumour_frac[index] >= tumour_fraction else "normal"] += 1
+            counts["tiles"] += 1
+            image = np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy())
+            name = f"{slide_path.stem}_r{row:06d}_c{col:06d}.png"
+            args = (corner,) if isinstance(sink, _Hdf5Tiles) else ()
+            tile_id = sink.add(name, image, mask, *args)
+            rows.append(
+                {
+                    "tile": tile_id,
+                    "slide": str(slide_path),
+                    "x": f"{corner[0]:.1f}",
+                    "y": f"{corner[1]:.1f}",
+                    "mpp": slide.grid.mpp,
+                    "tissue_fraction": f"{tissue_frac[index]:.4f}",
+                    "tumour_fraction": "" if tumour_frac is None else f"{tumour_frac[index]:.4f}",
+                }
+            )
+        return counts
+    finally:
+        slide.close()
