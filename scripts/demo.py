@@ -214,6 +214,33 @@ def stain_demo(iterations: int, batch_size: int = 4, test_tiles: int = 6) -> dic
     )
     print(f"  outputs: {report} (per_tile.csv, summary.json, grid.png), weights {root / 'models' / 'model.pt'}")
     print(f"  data: {root / 'data'} (tiles, surrogate masks, box libraries, SOURCES.json)")
+    whole_slide_demo(root)
+    return summary
+
+
+def whole_slide_demo(root: Path) -> dict:
+    """The demo's generator over the whole sample slide: virtual IHC pyramidal TIFF, thumbnail, DAB regions."""
+    from roigan_stain_transfer.wsi.inference import SlideInferenceSettings, infer_slide, load_generator, output_paths
+
+    generator = load_generator(
+        root / "models" / "model.pt", NARROW_ROIGAN["generator_blocks"], NARROW_ROIGAN["generator_channels"]
+    )
+    output = root / "slides" / "cmu_small_region_virtual_ihc.tiff"
+    print("  whole slide: python -m roigan_stain_transfer infer-slide (the same steps, from Python)", flush=True)
+    summary = infer_slide(
+        sample_slide(), output, generator, SlideInferenceSettings(num_workers=1, progress=False), overwrite=True
+    )
+    print(
+        f"  whole slide at {summary['grid']['mpp']} um/px: {summary['tiles']['translated']} of "
+        f"{summary['tiles']['grid']} tiles (tissue {100 * summary['tissue_fraction']:.0f} %), "
+        f"{summary['seconds']['total']:.0f} s, {summary['dab']['regions']} virtual-DAB regions "
+        f"({summary['dab']['positive_area_mm2']:.2f} mm^2)"
+    )
+    paths = output_paths(output)
+    print(
+        f"  outputs: {output} (pyramidal TIFF for QuPath / OpenSlide), {paths['thumbnail']}, "
+        f"{paths['regions']} (QuPath: File > Import objects)"
+    )
     return summary
 
 

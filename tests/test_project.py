@@ -60,3 +60,9 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     with Image.open(tmp_path / "demo_output" / "roi_align_ihc_boxes.png") as image:
         assert image.size == (4 * 48 * 4, 48 * 4)
         assert image.mode == "RGB"
+    slide = tmp_path / "demo_output" / "roigan" / "slides" / "cmu_small_region_virtual_ihc.tiff"
+    assert re.search(r"whole slide at [\d.]+ um/px: \d+ of \d+ tiles", proc.stdout)
+    import openslide
+
+    with openslide.OpenSlide(str(slide)) as virtual:
+        assert virtual.dimensions == (2220, 2967)

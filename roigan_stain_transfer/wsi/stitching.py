@@ -23,7 +23,7 @@ import numpy as np
 
 from roigan_stain_transfer.wsi.tiling import TileGrid
 
-__all__ = ["BandBlender", "RowReducer", "spans"]
+__all__ = ["BandBlender", "RowReducer", "seam_step", "spans"]
 
 RowsCallback = Callable[[int, np.ndarray], None]
 
@@ -174,3 +174,58 @@ class RowReducer:
         counts = np.full(self.image.shape[0], self.factor, dtype=np.float32)
         counts[-1] = self.height - (self.image.shape[0] - 1) * self.factor
         return self.image / counts[:, None, None]
+
+
+def _border_lines(origins: np.ndarray, tile_size: int) -> tuple[list[int], list[int]]:
+    """Positions along one axis of the tile borders (the middle of each overlap) and of the tile centres."""
+    borders = [int(round((origins[j + 1] + origins[j] + tile_size) / 2)) for j in range(len(origins) - 1)]
+    centres = [int(o + tile_size // 2) for o in origins]
+    return borders, centres
+
+
+def _line_steps(image: np.ndarray, lines: list[int], width: int, segment: int, background: int) -> list[float]:
+    """Colour steps across vertical ``lines`` of ``image`` ``(H, W, 3)``: for each segment of ``segment`` rows, the
+    mean absolute difference (over RGB) between the mean colours of the ``width`` px on either side. Segments
+    touching background (a pixel with every channel above ``background``) are left out."""
+    steps = []
+    height = image.shape[0] - image.shape[0] % segment
+    for x in lines:
+        if x - width < 0 or x + width > image.shape[1]:
+            continue
+        sides = []
+        for block in (image[:height, x - width : x], image[:height, x : x + width]):
+            block = block.reshape(height // segment, segment * width, -1)
+            sides.append((block.astype(np.float64).mean(axis=1), (block.min(axis=-1) > background).any(axis=1)))
+        (left, left_bg), (right, right_bg) = sides
+        keep = ~(left_bg | right_bg)
+        steps += np.abs(left - right).mean(axis=1)[keep].tolist()
+    return steps
+
+
+def seam_step(
+    image: np.ndarray, grid: TileGrid, width: int = 8, segment: int = 32, background: int = 230
+) -> dict[str, float]:
+    """How visible the tile grid is in a stitched RGB image ``(H, W, 3)`` made on ``grid``.
+
+    ``seam``: mean colour step across the tile borders (the middle of each overlap), measured between the mean
+    colours of ``width`` px on either side over segments of ``segment`` px along the border; ``within``: the same
+    across lines through the tile centres (the texture's own steps); ``ratio`` = seam / within (1: no visible
+    grid). Borders in both directions count; segments touching background are left out.
+    """
+    rows_b, rows_c = _border_lines(grid.rows, grid.tile_size)
+    cols_b, cols_c = _border_lines(grid.cols, grid.tile_size)
+    transposed = np.ascontiguousarray(np.swapaxes(image, 0, 1))
+    seam = _line_steps(image, cols_b, width, segment, background) + _line_steps(
+        transposed, rows_b, width, segment, background
+    )
+    within = _line_steps(image, cols_c, width, segment, background) + _line_steps(
+        transposed, rows_c, width, segment, background
+    )
+    seam_mean = float(np.mean(seam)) if seam else float("nan")
+    within_mean = float(np.mean(within)) if within else float("nan")
+    return {
+        "seam": seam_mean,
+        "within": within_mean,
+        "ratio": seam_mean / within_mean if within_mean else float("nan"),
+        "segments": len(seam),
+    }

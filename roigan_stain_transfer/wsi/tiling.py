@@ -190,9 +190,10 @@ class SlidePatchDataset(PatchWSIDataset):
 
     def _get_data(self, sample: dict):
         wsi = self._get_wsi_object(sample)
-        return self.wsi_reader.get_data(
+        patch, meta = self.wsi_reader.get_data(
             wsi=wsi, location=self._get_location(sample), size=self._get_size(sample), level=self._get_level(sample)
         )
+        return (patch if patch.flags.writeable else patch.copy()), meta  # OpenSlide's pixels are read-only
 
 
 def tile_dataset(slide: Slide, grid: TileGrid, indices: Sequence[int]) -> SlidePatchDataset:

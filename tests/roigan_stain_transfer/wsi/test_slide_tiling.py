@@ -8,7 +8,7 @@ from skimage.transform import downscale_local_mean
 
 from roigan_stain_transfer.wsi import tissue as tissue_module
 from roigan_stain_transfer.wsi.slide import SlideError, open_slide
-from roigan_stain_transfer.wsi.stitching import BandBlender, RowReducer
+from roigan_stain_transfer.wsi.stitching import BandBlender, RowReducer, seam_step
 from roigan_stain_transfer.wsi.tiling import TileGrid, axis_origins, blend_window, tile_dataset, tissue_fractions
 from roigan_stain_transfer.wsi.tissue import overview_factor, read_overview, tissue_mask
 from tests.roigan_stain_transfer.wsi.conftest import write_slide
@@ -200,3 +200,18 @@ def test_row_reducer_is_an_area_mean():
     assert result.shape == (26, 20, 3)
     assert np.allclose(result[:25, :19], downscale_local_mean(image[:100, :76].astype(float), (4, 4, 1)), atol=1e-3)
     assert np.allclose(result[25, 19], image[100:, 76:].reshape(-1, 3).mean(axis=0), atol=1e-3)
+
+
+def test_seam_step_sees_tiles_in_different_tones():
+    rng = np.random.default_rng(0)
+    image = rng.normal(150, 10, (1000, 1000, 3)).clip(0, 255).astype(np.uint8)
+    grid = TileGrid.over(image.shape[:2], 256, 0)
+    plain = seam_step(image, grid)
+    assert 0.8 < plain["ratio"] < 1.25  # no tile grid in the image: borders look like any other line
+    toned = image.astype(int)
+    for index, (row, col) in enumerate(grid.origins()):
+        toned[row : row + 256, col : col + 256] += (index % 3) * 8
+    shifted = seam_step(np.clip(toned, 0, 255).astype(np.uint8), grid)
+    assert shifted["ratio"] > 5 and shifted["within"] == pytest.approx(plain["within"])
+    white = np.full_like(image, 255)
+    assert seam_step(white, grid)["segments"] == 0  # background is left out
