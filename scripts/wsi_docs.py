@@ -9,8 +9,9 @@
 3. The colour step across tile borders against the step across lines through tile centres
    (:func:`roigan_stain_transfer.wsi.stitching.seam_step`) for the four runs ->
    ``bench/results/wsi_seams.{json,md}``.
-4. ``bundles/roigan_stain_transfer/docs/images/wsi_sample.jpg``: H&E | virtual IHC (tile, no overlap) | virtual IHC (dense, overlap) | virtual
-   DAB heat map with the DAB-positive regions; below, the same tile junction at full resolution in the two modes.
+4. ``bundles/roigan_stain_transfer/docs/images/wsi_sample.jpg``: H&E | virtual IHC (tile, no overlap) | virtual
+   IHC (dense, overlap) | virtual DAB heat map with the DAB-positive regions; below, the same tile junction at full
+   resolution in the two modes.
 
 Usage: ``python scripts/wsi_docs.py [--weights model.pt --generator-blocks 9 --generator-channels 64]``.
 """
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     bottom = _row([_label(crops[0], "tile corner, per-tile norm"), _label(crops[1], "same place, dense norm")])
     picture = _stack([top, bottom])
     args.images.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.images / "wsi_sample.jpg", lambda tmp: Image.fromarray(picture).save(tmp, format="JPEG", quality=85))
+    picture_path = args.images / "wsi_sample.jpg"
+    atomic_write(picture_path, lambda tmp: Image.fromarray(picture).save(tmp, format="JPEG", quality=85))
     print(f"wrote {args.images / 'wsi_sample.jpg'} and {args.results / 'wsi_seams.md'}")
     return 0
 

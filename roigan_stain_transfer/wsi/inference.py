@@ -13,10 +13,10 @@
    AVX512-BF16/AMX, bf16 or fp16 on CUDA);
 5. blend the overlapping tiles into finished row bands (:mod:`.stitching`) that stream into the pyramidal TIFF
    writer (:mod:`.pyramid`, encoding in a background thread), the thumbnail and the DAB accumulator;
-6. write the side outputs (:func:`output_paths`), then rename the TIFF into place: a run killed at any moment
-   leaves nothing under the output's name.
+6. write the side outputs (:func:`.outputs.output_paths`) under temporary names and rename everything into place
+   at the end: a run killed at any moment leaves nothing under the output names.
 
-Memory does not grow with the slide's area: one band of tiles, one overview (at most 4096 px a side).
+Memory does not grow with the slide's area: one band of tiles, one overview (at most 2048 px a side).
 :func:`infer_slides` runs a folder or list of slides, split across processes under ``torchrun``.
 """
 
@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +43,16 @@ from roigan_stain_transfer.networks import ResnetGenerator
 from roigan_stain_transfer.wsi import annotations
 from roigan_stain_transfer.wsi.dab import DabAccumulator, dab_regions, heat_colours, overlay
 from roigan_stain_transfer.wsi.normalization import NORMALIZATION_MODES, SlideNormalization
+from roigan_stain_transfer.wsi.outputs import (
+    REGION_FIELDS,
+    StagedOutputs,
+    check_outputs,
+    csv_text,
+    json_text,
+    output_paths,
+    region_table,
+    write_run_summary,
+)
 from roigan_stain_transfer.wsi.pyramid import PyramidalTiffWriter, write_pyramidal_tiff
 from roigan_stain_transfer.wsi.slide import Slide, open_slide
 from roigan_stain_transfer.wsi.stitching import BandBlender, RowReducer
@@ -62,8 +69,11 @@ __all__ = [
     "find_slides",
     "infer_slide",
     "infer_slides",
+    "SlidePlan",
+    "TileRunner",
     "load_generator",
     "output_paths",
+    "plan_slide",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,62 +133,6 @@ class SlideInferenceSettings:
             raise ValueError("batch_size and stats_stride must be >= 1 and num_workers >= 0")
         if not 0.0 <= float(self.min_tissue) <= 1.0:
             raise ValueError(f"min_tissue must lie in [0, 1], got {self.min_tissue}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def output_paths(output: str | os.PathLike) -> dict[str, Path]:
-    """Every file :func:`infer_slide` writes for the virtual slide ``output`` (``.tif`` / ``.tiff``).
-
-    ``slide``: the virtual IHC slide; ``thumbnail``: H&E | virtual IHC PNG; ``tissue``: tissue mask PNG;
-    ``dab_tiff`` / ``dab_png``: DAB heat map as pyramidal TIFF and as PNG overlay; ``regions``: DAB-positive
-    regions as QuPath GeoJSON on the virtual slide, ``regions_he`` the same on the H&E slide's level 0;
-    ``regions_csv``: one row per region; ``summary``: JSON of the run.
-    """
-    output = Path(output)
-    if output.suffix.lower() not in (".tif", ".tiff"):
-        raise ValueError(f"{output}: the virtual slide is a pyramidal TIFF; expected a .tif or .tiff output name")
-    stem = output.with_suffix("")
-    return {
-        "slide": output,
-        "thumbnail": stem.with_name(stem.name + ".thumbnail.png"),
-        "tissue": stem.with_name(stem.name + ".tissue.png"),
-        "dab_tiff": stem.with_name(stem.name + ".dab.tiff"),
-        "dab_png": stem.with_name(stem.name + ".dab.png"),
-        "regions": stem.with_name(stem.name + ".dab_regions.geojson"),
-        "regions_he": stem.with_name(stem.name + ".dab_regions.he.geojson"),
-        "regions_csv": stem.with_name(stem.name + ".dab_regions.csv"),
-        "summary": stem.with_name(stem.name + ".json"),
-    }
-
-
-def check_outputs(paths: dict[str, Path], overwrite: bool, remove_stale: bool = True) -> None:
-    """Refuse before any work: existing outputs (unless ``overwrite``), a folder that cannot be written.
-
-    With ``remove_stale``, temporary files a killed run left for the same output are deleted (one run per
-    output at a time).
-    """
-    folder = paths["slide"].parent
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{folder}: the output folder is a file")
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{existing[0]} exists ({len(existing)} output file(s)); pass --overwrite to replace them"
-        )
-    if any(p.is_dir() for p in paths.values()):
-        raise IsADirectoryError(f"{paths['slide']}: an output name is taken by a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"{folder}: the output folder is not writable")
-    if not remove_stale:
-        return
-    stem = paths["slide"].stem
-    for stale in folder.glob(f".{stem}*-*.partial*"):  # left by a killed run on the same output
-        stale.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,31 +223,30 @@ class _Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _loader(slide: Slide, grid: TileGrid, indices: Sequence[int], settings: SlideInferenceSettings) -> DataLoader:
-    workers = int(settings.num_workers) if len(indices) > settings.batch_size else 0
-    return DataLoader(
-        tile_dataset(slide, grid, indices),
-        batch_size=int(settings.batch_size),
-        shuffle=False,
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
+@dataclass
+class SlidePlan:
+    """A slide ready for translation: the open ``slide``, its tile ``grid``, the ``overview`` (output grid reduced
+    by ``factor``), the ``tissue`` mask on it, and the flat indices of the tiles to translate (``selected``)."""
+
+    slide: Slide
+    grid: TileGrid
+    factor: int
+    overview: np.ndarray
+    tissue: np.ndarray
+    selected: np.ndarray
 
 
-def _statistics_grid(grid: TileGrid, stride: int) -> tuple[float, tuple[float, float], tuple[int, int]]:
-    """Spacing, origin and shape of the statistics grid: a node every ``stride`` tiles, at tile centres."""
-    spacing = float(grid.stride * stride)
-    half = grid.tile_size / 2.0
-    shape = tuple(int(math.floor((n - grid.tile_size) / spacing)) + 1 for n in grid.shape)
-    return spacing, (half, half), (max(1, shape[0]), max(1, shape[1]))
-
-
-def _statistics_tiles(grid: TileGrid, selected: np.ndarray, stride: int) -> np.ndarray:
-    """Tissue tiles on every ``stride``-th grid row and column (all selected tiles when that leaves none)."""
-    rows, cols = np.divmod(selected, len(grid.cols))
-    chosen = selected[(rows % stride == 0) & (cols % stride == 0)]
-    return chosen if len(chosen) else selected
+def plan_slide(slide: Slide, settings: SlideInferenceSettings) -> SlidePlan:
+    """Tile grid, overview, tissue mask and the tiles with at least ``settings.min_tissue`` tissue."""
+    grid = TileGrid.over(slide.grid.shape, settings.tile_size, settings.overlap)
+    factor = overview_factor(slide.grid.shape)
+    overview = read_overview(slide, factor)
+    tissue = tissue_mask(overview)
+    if settings.min_tissue <= 0:
+        selected = np.arange(len(grid))
+    else:
+        selected = np.flatnonzero(tissue_fractions(grid, tissue, factor) >= settings.min_tissue)
+    return SlidePlan(slide, grid, factor, overview, tissue, selected)
 
 
 def _to_pixels(batch: torch.Tensor) -> np.ndarray:
@@ -302,44 +255,124 @@ def _to_pixels(batch: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
+class TileRunner:
+    """Runs a generator over tiles of a :class:`SlidePlan`, in grid order, in batches read ahead by ``DataLoader``
+    workers, under autocast where the device runs it natively, with slide-consistent normalisation when the
+    settings ask for it (the generator is copied, its instance-norm layers replaced in the copy)."""
+
+    def __init__(
+        self, plan: SlidePlan, generator: nn.Module, settings: SlideInferenceSettings, device: torch.device
+    ) -> None:
+        self.plan, self.settings, self.device = plan, settings, device
+        self.generator = generator.to(device).eval()
+        self.amp_dtype = autocast_dtype(device, settings.amp)
+        self.norm: SlideNormalization | None = None
+        if settings.normalization != "tile" and len(plan.selected):
+            self.generator = copy.deepcopy(self.generator)
+            grid = plan.grid
+            spacing = float(grid.stride * settings.stats_stride)  # a node every stats_stride tiles, at tile centres
+            shape = tuple(max(1, int((n - grid.tile_size) // spacing) + 1) for n in grid.shape)
+            self.norm = SlideNormalization(
+                self.generator,
+                settings.normalization,
+                grid_spacing=spacing,
+                grid_origin=(grid.tile_size / 2.0, grid.tile_size / 2.0),
+                grid_shape=shape,
+                sigma=settings.stats_sigma,
+            )
+
+    def _loader(self, indices: Sequence[int]) -> DataLoader:
+        workers = int(self.settings.num_workers) if len(indices) > self.settings.batch_size else 0
+        return DataLoader(
+            tile_dataset(self.plan.slide, self.plan.grid, indices),
+            batch_size=int(self.settings.batch_size),
+            shuffle=False,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+        )
+
+    @torch.inference_mode()
+    def __call__(self, indices: np.ndarray, description: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields ``(flat tile indices (B,), translated tiles (B, T, T, 3) float32 in [0, 255])`` in order."""
+        grid = self.plan.grid
+        batches = tqdm(self._loader(indices), desc=description, unit="batch", disable=not self.settings.progress)
+        for batch in batches:
+            images = to_network(batch["image"].to(self.device, non_blocking=True))
+            tiles = batch["tile"].numpy()
+            placed = self.norm.tiles(torch.as_tensor(grid.origins(tiles)), grid.tile_size) if self.norm else None
+            with placed or contextlib.nullcontext(), _autocast(self.device, self.amp_dtype):
+                translated = self.generator(images)
+            yield tiles, _to_pixels(translated)
+
+    def collect_statistics(self, label: str) -> None:
+        """The statistics pass of slide-consistent normalisation: every ``stats_stride``-th tissue tile per axis."""
+        if self.norm is None:
+            return
+        grid, selected, stride = self.plan.grid, self.plan.selected, self.settings.stats_stride
+        rows, cols = np.divmod(selected, len(grid.cols))
+        chosen = selected[(rows % stride == 0) & (cols % stride == 0)]
+        with self.norm.collecting():
+            for _ in self(chosen if len(chosen) else selected, f"{label}: statistics"):
+                pass
+        self.norm.finalize()
+
+
+def _translate(runner: TileRunner, writer: PyramidalTiffWriter, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Translate the plan's tiles and stream the blended rows into ``writer``; returns the virtual slide's overview
+    ``(h', w', 3)`` uint8 and its DAB grey ``(h', w')``."""
+    plan = runner.plan
+    height, width = plan.slide.grid.shape
+    thumbnail = RowReducer(height, width, 3, plan.factor)
+    dab = DabAccumulator(height, width, plan.factor)
+
+    def emit(top: int, rows: np.ndarray) -> None:
+        writer.write_rows(rows)
+        thumbnail.add(rows)
+        dab.add(rows)
+
+    blender = BandBlender(plan.grid, emit)
+    for tiles, pixels in runner(plan.selected, f"{label}: tiles"):
+        for index, tile in zip(tiles, pixels, strict=True):
+            blender.add(int(index), tile)
+    blender.close()
+    return np.clip(np.rint(thumbnail.result()), 0, 255).astype(np.uint8), dab.grey()
+
+
 def _side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarray:
     spacer = np.full((left.shape[0], gap, 3), 255, dtype=np.uint8)
     return np.concatenate([left, spacer, right], axis=1)
 
 
-def _region_rows(polygons, mpp_frame: float) -> tuple[list[dict], list[dict]]:
-    """Per-region GeoJSON properties and CSV rows (areas in mm^2 with ``mpp_frame`` um per coordinate unit)."""
-    props, rows = [], []
-    for number, polygon in enumerate(polygons, start=1):
-        area_mm2 = annotations.polygon_area(polygon) * (mpp_frame * 1e-3) ** 2
-        x0, y0 = polygon.exterior.min(axis=0)
-        x1, y1 = polygon.exterior.max(axis=0)
-        props.append({"name": f"DAB region {number}", "area_mm2": round(area_mm2, 6)})
-        rows.append(
-            {
-                "region": number,
-                "area_mm2": f"{area_mm2:.6f}",
-                "centroid_x": f"{polygon.exterior[:, 0].mean():.1f}",
-                "centroid_y": f"{polygon.exterior[:, 1].mean():.1f}",
-                "xmin": f"{x0:.1f}",
-                "ymin": f"{y0:.1f}",
-                "xmax": f"{x1:.1f}",
-                "ymax": f"{y1:.1f}",
-                "holes": len(polygon.holes),
-            }
-        )
-    return props, rows
-
-
-def _csv_text(rows: list[dict], fields: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-_REGION_FIELDS = ("region", "area_mm2", "centroid_x", "centroid_y", "xmin", "ymin", "xmax", "ymax", "holes")
+def _write_side_outputs(
+    staged: StagedOutputs, plan: SlidePlan, virtual: np.ndarray, grey: np.ndarray, settings: SlideInferenceSettings
+) -> dict[str, Any]:
+    """Thumbnail, tissue mask, DAB heat map and regions into their staged files; returns the DAB statistics."""
+    out, factor = plan.slide.grid, plan.factor
+    regions = dab_regions(grey, plan.tissue, factor)
+    min_area = settings.min_region_um2 / (out.mpp * factor) ** 2  # overview pixels
+    polygons = annotations.mask_to_polygons(regions.mask, factor, label="DAB positive", min_area=min_area)
+    on_slide = annotations.mask_to_polygons(
+        regions.mask, factor * out.downsample, label="DAB positive", min_area=min_area
+    )
+    props, rows = region_table(polygons, out.mpp)
+    save_png(staged.path("thumbnail"), _side_by_side(plan.overview, virtual))
+    save_png(staged.path("tissue"), plan.tissue)
+    save_png(staged.path("dab_png"), overlay(virtual, grey, regions.mask))
+    write_pyramidal_tiff(staged.path("dab_tiff"), heat_colours(grey), out.mpp * factor)
+    annotations.write_geojson(staged.path("regions"), annotations.to_geojson(polygons, properties=props))
+    annotations.write_geojson(staged.path("regions_he"), annotations.to_geojson(on_slide, properties=props))
+    atomic_write_text(staged.path("regions_csv"), csv_text(rows, REGION_FIELDS))
+    tissue_mm2 = float(plan.tissue.sum()) * (out.mpp * factor * 1e-3) ** 2
+    positive_mm2 = float(sum(p["area_mm2"] for p in props))
+    return {
+        "threshold": regions.threshold,
+        "mean_grey_in_tissue": regions.mean_grey,
+        "emptied": regions.emptied,
+        "regions": len(polygons),
+        "positive_area_mm2": positive_mm2,
+        "tissue_area_mm2": tissue_mm2,
+        "positive_fraction_of_tissue": positive_mm2 / tissue_mm2 if tissue_mm2 else 0.0,
+    }
 
 
 def infer_slide(
@@ -352,174 +385,89 @@ def infer_slide(
 ) -> dict[str, Any]:
     """Translate the slide ``slide_path`` with ``generator`` into the virtual slide ``output`` (.tif/.tiff).
 
-    Returns the summary (also written as JSON, see :func:`output_paths`): tiles, tissue fraction, seconds per
-    stage, the grid, DAB statistics and the output paths.
+    Returns the summary (also written as JSON next to the slide, see :func:`output_paths`): tiles, tissue
+    fraction, seconds per stage, the grid, DAB statistics and the output paths. All outputs appear together at
+    the end.
     """
     settings = settings or SlideInferenceSettings()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     paths = output_paths(output)
     check_outputs(paths, overwrite)
-    timer = _Timer()
-    started = time.perf_counter()
-
+    timer, started = _Timer(), time.perf_counter()
     with timer("open"):
         slide = open_slide(slide_path, settings.mpp, settings.slide_mpp, settings.backend)
-    out = slide.grid
-    grid = TileGrid.over(out.shape, settings.tile_size, settings.overlap)
-    with timer("tissue"):
-        factor = overview_factor(out.shape)
-        overview = read_overview(slide, factor)
-        tissue = tissue_mask(overview)
-        fractions = tissue_fractions(grid, tissue, factor)
-    selected = np.arange(len(grid)) if settings.min_tissue <= 0 else np.flatnonzero(fractions >= settings.min_tissue)
-
-    generator = generator.to(device).eval()
-    norm = None
-    if settings.normalization != "tile" and len(selected):
-        generator = copy.deepcopy(generator)  # the statistics layers replace the generator's own
-        spacing, origin, shape = _statistics_grid(grid, settings.stats_stride)
-        norm = SlideNormalization(
-            generator,
-            settings.normalization,
-            grid_spacing=spacing,
-            grid_origin=origin,
-            grid_shape=shape,
-            sigma=settings.stats_sigma,
-        )
-    amp_dtype = autocast_dtype(device, settings.amp)
-    label = slide.path.name
-
-    @torch.inference_mode()
-    def run(indices: np.ndarray, description: str):
-        """Yields ``(tile indices, generator output as pixels)`` for the tiles ``indices``, in order."""
-        for batch in tqdm(
-            _loader(slide, grid, indices, settings), desc=description, unit="batch", disable=not settings.progress
-        ):
-            images = to_network(batch["image"].to(device, non_blocking=True))
-            tiles = batch["tile"].numpy()
-            context = (
-                norm.tiles(torch.as_tensor(grid.origins(tiles)), grid.tile_size) if norm else contextlib.nullcontext()
-            )
-            with context, _autocast(device, amp_dtype):
-                translated = generator(images)
-            yield tiles, _to_pixels(translated)
-
-    if norm is not None:
-        with timer("statistics"), norm.collecting():
-            for _ in run(_statistics_tiles(grid, selected, settings.stats_stride), f"{label}: statistics"):
-                pass
-        norm.finalize()
-
-    thumbnail = RowReducer(out.shape[0], out.shape[1], 3, factor)
-    dab = DabAccumulator(out.shape[0], out.shape[1], factor)
-    description = json.dumps({"software": "monai-rrn-roigan virtual IHC", "source": str(slide.path), "mpp": out.mpp})
-    writer = PyramidalTiffWriter(
-        paths["slide"],
-        out.shape[0],
-        out.shape[1],
-        out.mpp,
-        compression=settings.compression,
-        quality=settings.quality,
-        description=description,
-    )
+    label, out = slide.path.name, slide.grid
+    staged = StagedOutputs(paths)
+    writer = None
     try:
-
-        def emit(top: int, rows: np.ndarray) -> None:
-            writer.write_rows(rows)
-            thumbnail.add(rows)
-            dab.add(rows)
-
-        blender = BandBlender(grid, emit)
+        with timer("tissue"):
+            plan = plan_slide(slide, settings)
+        runner = TileRunner(plan, generator, settings, device)
+        with timer("statistics"):
+            runner.collect_statistics(label)
+        description = json.dumps(
+            {"software": "monai-rrn-roigan virtual IHC", "source": str(slide.path), "mpp": out.mpp}
+        )
+        writer = PyramidalTiffWriter(
+            staged.path("slide"),
+            out.shape[0],
+            out.shape[1],
+            out.mpp,
+            compression=settings.compression,
+            quality=settings.quality,
+            description=description,
+        )
         with timer("translate"):
-            for tiles, pixels in run(selected, f"{label}: tiles"):
-                for index, tile in zip(tiles, pixels, strict=True):
-                    blender.add(int(index), tile)
-            blender.close()
-
+            virtual, grey = _translate(runner, writer, label)
         with timer("outputs"):
-            grey = dab.grey()
-            regions = dab_regions(grey, tissue, factor)
-            min_area_px = settings.min_region_um2 / (out.mpp * factor) ** 2
-            polygons = annotations.mask_to_polygons(
-                regions.mask, downsample=factor, label="DAB positive", min_area=min_area_px
-            )
-            props, csv_rows = _region_rows(polygons, out.mpp)
-            virtual = np.clip(np.rint(thumbnail.result()), 0, 255).astype(np.uint8)
-            save_png(paths["thumbnail"], _side_by_side(overview, virtual))
-            save_png(paths["tissue"], tissue)
-            save_png(paths["dab_png"], overlay(virtual, grey, regions.mask))
-            write_pyramidal_tiff(paths["dab_tiff"], heat_colours(grey), out.mpp * factor)
-            annotations.write_geojson(paths["regions"], annotations.to_geojson(polygons, properties=props))
-            he_polygons = annotations.mask_to_polygons(
-                regions.mask, downsample=factor * out.downsample, label="DAB positive", min_area=min_area_px
-            )
-            annotations.write_geojson(paths["regions_he"], annotations.to_geojson(he_polygons, properties=props))
-            atomic_write_text(paths["regions_csv"], _csv_text(csv_rows, _REGION_FIELDS))
-            writer.close()  # last: the virtual slide appears only when everything else is written
+            dab = _write_side_outputs(staged, plan, virtual, grey, settings)
+            writer.close()
+        summary = {
+            "slide": str(slide.path),
+            "outputs": {name: str(path) for name, path in paths.items()},
+            "grid": {
+                "shape": list(out.shape),
+                "mpp": out.mpp,
+                "level": out.level,
+                "level_mpp": out.level_mpp,
+                "resampled": out.resampled,
+            },
+            "tiles": {
+                "grid": len(plan.grid),
+                "translated": int(len(plan.selected)),
+                "tile_size": plan.grid.tile_size,
+                "overlap": plan.grid.overlap,
+            },
+            "tissue_fraction": float(plan.tissue.mean()),
+            "normalization": settings.normalization,
+            "autocast": str(runner.amp_dtype).replace("torch.", "") if runner.amp_dtype else "float32",
+            "device": str(device),
+            "dab": dab,
+            "seconds": {name: round(value, 3) for name, value in timer.seconds.items()},
+            "settings": asdict(settings),
+        }
+        summary["seconds"]["total"] = round(time.perf_counter() - started, 3)
+        translate_s = timer.seconds["translate"]
+        summary["tiles_per_second"] = len(plan.selected) / translate_s if translate_s and len(plan.selected) else None
+        atomic_write_text(staged.path("summary"), json_text(summary))
+        staged.commit()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
+        staged.abort()
         raise
     finally:
         slide.close()
-
-    tissue_area_mm2 = float(tissue.sum()) * (out.mpp * factor * 1e-3) ** 2
-    positive_mm2 = sum(float(p["area_mm2"]) for p in props)
-    summary = {
-        "slide": str(slide.path),
-        "outputs": {name: str(path) for name, path in paths.items()},
-        "grid": {
-            "shape": list(out.shape),
-            "mpp": out.mpp,
-            "level": out.level,
-            "level_mpp": out.level_mpp,
-            "resampled": out.resampled,
-        },
-        "tiles": {
-            "grid": len(grid),
-            "translated": int(len(selected)),
-            "tile_size": grid.tile_size,
-            "overlap": grid.overlap,
-        },
-        "tissue_fraction": float(tissue.mean()),
-        "tissue_area_mm2": tissue_area_mm2,
-        "normalization": settings.normalization,
-        "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-        "device": str(device),
-        "dab": {
-            "threshold": _finite_or_none(regions.threshold),
-            "mean_grey_in_tissue": _finite_or_none(regions.mean_grey),
-            "emptied": regions.emptied,
-            "regions": len(polygons),
-            "positive_area_mm2": positive_mm2,
-            "positive_fraction_of_tissue": positive_mm2 / tissue_area_mm2 if tissue_area_mm2 else 0.0,
-        },
-        "seconds": {name: round(value, 3) for name, value in timer.seconds.items()},
-        "settings": asdict(settings),
-    }
-    summary["seconds"]["total"] = round(time.perf_counter() - started, 3)
-    translate_s = timer.seconds.get("translate", 0.0)
-    summary["tiles_per_second"] = len(selected) / translate_s if translate_s else None
-    atomic_write_text(paths["summary"], json.dumps(summary, indent=2, allow_nan=False, default=_json_default))
     logger.info(
         "%s: %d of %d tiles, tissue %.1f %%, %.1f s -> %s",
         label,
-        len(selected),
-        len(grid),
+        summary["tiles"]["translated"],
+        summary["tiles"]["grid"],
         100 * summary["tissue_fraction"],
         summary["seconds"]["total"],
         paths["slide"],
     )
-    return summary
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return json.loads(json_text(summary))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -617,40 +565,8 @@ def infer_slides(
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
     if rank == 0:
-        _write_run_summary(output_dir, sorted(results, key=lambda r: r["slide"]))
+        write_run_summary(output_dir, sorted(results, key=lambda r: r["slide"]))
     return results
-
-
-def _write_run_summary(output_dir: Path, results: list[dict[str, Any]]) -> None:
-    fields = (
-        "slide",
-        "status",
-        "output",
-        "tiles",
-        "tissue_fraction",
-        "seconds",
-        "dab_regions",
-        "dab_area_mm2",
-        "error",
-    )
-    rows = []
-    for r in results:
-        ok = "error" not in r
-        rows.append(
-            {
-                "slide": r["slide"],
-                "status": "ok" if ok else "failed",
-                "output": r["outputs"]["slide"] if ok else "",
-                "tiles": r["tiles"]["translated"] if ok else "",
-                "tissue_fraction": f"{r['tissue_fraction']:.4f}" if ok else "",
-                "seconds": r["seconds"]["total"] if ok else "",
-                "dab_regions": r["dab"]["regions"] if ok else "",
-                "dab_area_mm2": f"{r['dab']['positive_area_mm2']:.4f}" if ok else "",
-                "error": r.get("error", ""),
-            }
-        )
-    atomic_write_text(output_dir / "summary.csv", _csv_text(rows, fields))
-    atomic_write_text(output_dir / "summary.json", json.dumps(results, indent=2, default=_json_default))
 
 
 class SlideInferer:
