@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -77,7 +78,6 @@ def test_torchrun_splits_slides_across_processes(slide_folder, weights, tmp_path
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert {(out / "a.tiff").is_file(), (out / "b.tiff").is_file()} == {True}
-    import json
 
     ranks = {r["rank"] for r in json.loads((out / "summary.json").read_text())}
     assert ranks == {0, 1}  # each process translated its own slide
@@ -103,3 +103,13 @@ def test_bundle_config_over_a_folder_reports_failed_slides(slide_folder, weights
     assert rows["a.tif"]["status"] == rows["b.tif"]["status"] == "ok"
     with openslide.OpenSlide(str(out / "a.tiff")) as slide:
         assert slide.dimensions == (768, 640)
+
+
+def test_extract_tiles_command(cmu_slide, tmp_path):
+    result = _cli(
+        "extract-tiles", "--slides", str(cmu_slide), "--output", str(tmp_path / "data"), "--stain", "ihc",
+        "--tiles_per_class", "2", "--library", "False", "--progress", "False", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["tiles"] == 2
+    assert len(list((tmp_path / "data" / "train" / "ihc").glob("*.png"))) == 2
