@@ -11,14 +11,11 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from monai.handlers import CheckpointSaver
 from torch import nn
-
-from shared_ops.atomic import atomic_write
 
 __all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "load_network_weights"]
 
@@ -29,9 +26,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's ``CheckpointSaver`` with every file written to a temporary file first and then renamed.
 
     MONAI's saver writes in place, so a run killed while saving leaves a truncated checkpoint that the
-    next run would try to resume from. Here a checkpoint file is either complete or absent: ignite's disk
-    saver writes through the project's one helper, :func:`shared_ops.atomic.atomic_write` (files ``0o644``).
-    Arguments as ``CheckpointSaver``.
+    next run would try to resume from. Here a checkpoint file is either complete or absent (ignite's
+    atomic saving; the files are then readable by their owner only). Arguments as ``CheckpointSaver``.
 
     Keep ``n_saved >= 2`` for interval checkpoints: ignite deletes the oldest file *before* writing the
     next one, so with ``n_saved=1`` a run killed during a save would leave no checkpoint at all.
@@ -41,17 +37,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler._atomic = True  # ignite's own atomic saving, should _save_func change
-                checkpoint.save_handler._save_func = _atomic_save_func(checkpoint.save_handler)
-
-
-def _atomic_save_func(handler) -> Callable[[Mapping, Path, Callable], None]:
-    """Replacement for ignite ``DiskSaver._save_func``: ``func(checkpoint, path)`` through :func:`atomic_write`."""
-
-    def save(checkpoint: Mapping, path: Path, func: Callable) -> None:
-        atomic_write(path, lambda tmp: func(checkpoint, tmp, **handler.kwargs))
-
-    return save
+                checkpoint.save_handler._atomic = True
 
 
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
