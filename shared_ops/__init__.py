@@ -1,20 +1,12 @@
 """What both methods share: the 3-D local cost correlation (PyTorch, plus a C kernel on CPU) and RoIAlign
-layers, and, in :mod:`shared_ops.checkpoints` and :mod:`shared_ops.engines` (loaded on first use, they need
-MONAI), atomic checkpointing and mixed precision for MONAI engines.
+layers, and, in :mod:`shared_ops.checkpoints` and :mod:`shared_ops.engines` (they need MONAI), atomic
+checkpointing and mixed precision for MONAI engines; :mod:`shared_ops.atomic` is the one helper every output
+file of the project is written through. Everything is loaded on first use.
 
 This package imports nothing from the two method packages, and nothing from torchvision.
 """
 
 import importlib
-
-from shared_ops.correlation import (
-    NORMALIZE_MODES,
-    LocalCostCorrelation3d,
-    correlation_displacements,
-    local_cost_correlation_3d,
-    normalize_features,
-)
-from shared_ops.roi_align import RoIAlign, roi_align
 
 __all__ = [
     "NORMALIZE_MODES",
@@ -26,9 +18,31 @@ __all__ = [
     "roi_align",
 ]
 
+#: Public names and the submodule that defines each; imported on first access, so that the torch-free helpers
+#: (``shared_ops.atomic``) do not import torch.
+_EXPORTS = {
+    "NORMALIZE_MODES": "correlation",
+    "LocalCostCorrelation3d": "correlation",
+    "correlation_displacements": "correlation",
+    "local_cost_correlation_3d": "correlation",
+    "normalize_features": "correlation",
+    "RoIAlign": "roi_align",
+    "roi_align": "roi_align",
+}
+_SUBMODULES = ("atomic", "checkpoints", "correlation", "engines", "reference", "roi_align")
+
 
 def __getattr__(name: str):
-    """``shared_ops.checkpoints`` on first use, so that importing the layers does not import MONAI."""
-    if name == "checkpoints":
-        return importlib.import_module("shared_ops.checkpoints")
-    raise AttributeError(f"module 'shared_ops' has no attribute {name!r}")
+    """The layers and submodules on first use (``shared_ops.checkpoints`` needs MONAI, the layers torch)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"shared_ops.{_EXPORTS[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"shared_ops.{name}")
+    else:
+        raise AttributeError(f"module 'shared_ops' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
