@@ -13,9 +13,25 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "temporary_sibling"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_mode", "temporary_sibling"]
 
-_MODE = 0o644  # mkstemp creates files readable by their owner only; outputs are ordinary files
+
+
+def file_mode() -> int:
+    """Permissions of a new ordinary file under the process's umask (``0o666 & ~umask``, 0o644 under umask 022).
+
+    ``mkstemp`` creates its files readable by their owner only; outputs get the mode ``open()`` would give them.
+    """
+    try:
+        with open("/proc/self/status") as status:  # Linux: read the umask without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # elsewhere: read it by setting it, then restore it at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
@@ -42,7 +58,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     tmp = temporary_sibling(path)
     try:
         write(tmp)
-        os.chmod(tmp, _MODE)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -39,7 +39,7 @@ from roigan_stain_transfer.wsi import annotations as ann
 from roigan_stain_transfer.wsi.slide import open_slide
 from roigan_stain_transfer.wsi.tiling import TileGrid, tile_dataset, tissue_fractions
 from roigan_stain_transfer.wsi.tissue import overview_factor, read_overview, tissue_mask
-from shared_ops.atomic import atomic_write_text, temporary_sibling
+from shared_ops.atomic import atomic_write_text, file_mode, temporary_sibling
 
 __all__ = ["ANNOTATION_SUFFIXES", "extract_training_tiles", "find_annotation"]
 
@@ -163,7 +163,7 @@ class _Hdf5Tiles:
 
     def commit(self) -> None:
         self.handle.close()
-        os.chmod(self.tmp, 0o644)
+        os.chmod(self.tmp, file_mode())
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from roigan_stain_transfer.wsi.annotations import Polygon, polygon_area
-from shared_ops.atomic import atomic_write_text, temporary_sibling
+from shared_ops.atomic import atomic_write_text, file_mode, temporary_sibling
 
 __all__ = [
     "REGION_FIELDS",
@@ -115,7 +115,7 @@ class StagedOutputs:
 
     def commit(self) -> None:
         for name, tmp in self._staged.items():
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, file_mode())
             os.replace(tmp, self.paths[name])
         self._staged.clear()
 

@@ -56,14 +56,13 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from shared_ops.atomic import temporary_sibling
+from shared_ops.atomic import file_mode, temporary_sibling
 
 __all__ = ["COMPRESSIONS", "PyramidalTiffWriter", "halve_rows", "pyramid_levels", "write_pyramidal_tiff"]
 
 #: Supported values of the ``compression`` argument.
 COMPRESSIONS = ("jpeg", "deflate", "none")
 
-_MODE = 0o644  # as in shared_ops.atomic: mkstemp files are owner-only, outputs are ordinary files
 _POLL_S = 0.05  # how often blocked queue operations look for an error or an abort
 _SPOOL_ZLIB_LEVEL = 1
 
@@ -388,7 +387,7 @@ class PyramidalTiffWriter:
                 self._tiff.write(self._spool.tiles(level, self._tile_shape()), **self._page_args(level))
             self._tiff.close()
             self._spool_discard()
-            os.chmod(self._tmp, _MODE)
+            os.chmod(self._tmp, file_mode())
             os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 
 import numpy as np
@@ -48,9 +49,19 @@ def test_the_temporary_file_keeps_the_suffixes(tmp_path):
         assert image.format == "PNG" and image.size == (5, 4)
 
 
-def test_the_file_is_readable_by_everyone(tmp_path):
-    path = atomic_write_text(tmp_path / "out.txt", "x")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+def test_the_file_mode_follows_the_umask_like_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "out.txt", "x")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # readable by everyone, as open() would make it
+        os.umask(0o077)
+        private = atomic_write_text(tmp_path / "private.txt", "x")
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+        assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_a_missing_parent_folder_is_created(tmp_path):
