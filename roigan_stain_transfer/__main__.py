@@ -40,6 +40,7 @@ def infer_slide(
     normalization: str = "dense",
     stats_stride: int = 2,
     min_tissue: float = 0.01,
+    background: str = "white",
     amp: str = "auto",
     compression: str = "jpeg",
     quality: int = 90,
@@ -65,6 +66,7 @@ def infer_slide(
         normalization: "dense", "kernel" (slide-consistent instance norm) or "tile" (per tile, as trained).
         stats_stride: slide statistics from every n-th tile row and column.
         min_tissue: tiles with less tissue than this fraction stay white (0 runs every tile).
+        background: "white" (glass in translated tiles made white) or "generator" (output as it is).
         amp: "auto", "bf16", "fp16" (CUDA) or "none".
         compression, quality: "jpeg" (quality) or "deflate" (lossless).
         backend: MONAI WSIReader backend: "openslide", "tifffile" or "cucim".
@@ -85,6 +87,7 @@ def infer_slide(
         normalization=normalization,
         stats_stride=stats_stride,
         min_tissue=min_tissue,
+        background=background,
         amp=amp,
         compression=compression,
         quality=quality,

@@ -57,11 +57,20 @@ from roigan_stain_transfer.wsi.pyramid import PyramidalTiffWriter, write_pyramid
 from roigan_stain_transfer.wsi.slide import Slide, open_slide
 from roigan_stain_transfer.wsi.stitching import BandBlender, RowReducer
 from roigan_stain_transfer.wsi.tiling import TileGrid, tile_dataset, tissue_fractions, to_network
-from roigan_stain_transfer.wsi.tissue import overview_factor, read_overview, save_png, tissue_mask
+from roigan_stain_transfer.wsi.tissue import (
+    glass_weight,
+    overview_factor,
+    read_overview,
+    saturation,
+    saturation_threshold,
+    save_png,
+    tissue_mask,
+)
 from shared_ops.atomic import atomic_write_text
 
 __all__ = [
     "AMP_MODES",
+    "BACKGROUND_MODES",
     "SLIDE_SUFFIXES",
     "SlideInferenceSettings",
     "SlideInferer",
@@ -79,6 +88,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+BACKGROUND_MODES = ("white", "generator")
 #: File suffixes taken as slides when a folder is given.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
 
@@ -99,6 +109,9 @@ class SlideInferenceSettings:
         stats_stride: slide statistics are collected on every ``stats_stride``-th tile row and column.
         stats_sigma: Gaussian smoothing of the statistics, in statistics-grid nodes.
         min_tissue: tiles whose footprint holds less tissue than this fraction stay white (0: run every tile).
+        background: ``"white"``: glass inside translated tiles (low saturation, bright, as in the tissue mask) is
+            made white in the output, softly over a few pixels, so the slide's background is white throughout;
+            ``"generator"``: the generator's output as it is.
         amp: ``"auto"`` (bf16 where the CPU runs it natively, bf16/fp16 on CUDA), ``"bf16"``, ``"fp16"``, ``"none"``.
         compression: ``"jpeg"`` or ``"deflate"`` (lossless) for the virtual slide.
         quality: JPEG quality.
@@ -117,6 +130,7 @@ class SlideInferenceSettings:
     stats_stride: int = 2
     stats_sigma: float = 1.0
     min_tissue: float = 0.01
+    background: str = "white"
     amp: str = "auto"
     compression: str = "jpeg"
     quality: int = 90
@@ -127,6 +141,8 @@ class SlideInferenceSettings:
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATION_MODES:
             raise ValueError(f"normalization must be one of {NORMALIZATION_MODES}, got {self.normalization!r}")
+        if self.background not in BACKGROUND_MODES:
+            raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if int(self.batch_size) < 1 or int(self.num_workers) < 0 or int(self.stats_stride) < 1:
@@ -226,7 +242,8 @@ class _Timer:
 @dataclass
 class SlidePlan:
     """A slide ready for translation: the open ``slide``, its tile ``grid``, the ``overview`` (output grid reduced
-    by ``factor``), the ``tissue`` mask on it, and the flat indices of the tiles to translate (``selected``)."""
+    by ``factor``), the ``tissue`` mask on it, the flat indices of the tiles to translate (``selected``) and the
+    saturation at or below which a pixel counts as glass (``glass_threshold``)."""
 
     slide: Slide
     grid: TileGrid
@@ -234,6 +251,7 @@ class SlidePlan:
     overview: np.ndarray
     tissue: np.ndarray
     selected: np.ndarray
+    glass_threshold: float
 
 
 def plan_slide(slide: Slide, settings: SlideInferenceSettings) -> SlidePlan:
@@ -246,7 +264,7 @@ def plan_slide(slide: Slide, settings: SlideInferenceSettings) -> SlidePlan:
         selected = np.arange(len(grid))
     else:
         selected = np.flatnonzero(tissue_fractions(grid, tissue, factor) >= settings.min_tissue)
-    return SlidePlan(slide, grid, factor, overview, tissue, selected)
+    return SlidePlan(slide, grid, factor, overview, tissue, selected, saturation_threshold(saturation(overview)))
 
 
 def _to_pixels(batch: torch.Tensor) -> np.ndarray:
@@ -302,7 +320,11 @@ class TileRunner:
             placed = self.norm.tiles(torch.as_tensor(grid.origins(tiles)), grid.tile_size) if self.norm else None
             with placed or contextlib.nullcontext(), _autocast(self.device, self.amp_dtype):
                 translated = self.generator(images)
-            yield tiles, _to_pixels(translated)
+            pixels = _to_pixels(translated)
+            if self.settings.background == "white":
+                glass = glass_weight(batch["image"], self.plan.glass_threshold).numpy()[..., None]
+                pixels += glass * (255.0 - pixels)
+            yield tiles, pixels
 
     def collect_statistics(self, label: str) -> None:
         """The statistics pass of slide-consistent normalisation: every ``stats_stride``-th tissue tile per axis."""

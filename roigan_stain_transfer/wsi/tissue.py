@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
@@ -29,6 +30,7 @@ from shared_ops.atomic import atomic_write
 
 __all__ = [
     "OVERVIEW_MAX_SIZE",
+    "glass_weight",
     "SATURATION_LIMITS",
     "overview_factor",
     "read_overview",
@@ -121,6 +123,25 @@ def tissue_mask(overview: np.ndarray, min_object_px: int = 16) -> np.ndarray:
         mask = remove_small_objects(mask, max_size=min_object_px - 1)
         mask = remove_small_holes(mask, max_size=min_object_px - 1)
     return mask
+
+
+def glass_weight(tiles: torch.Tensor, threshold: float, min_value: int = 200, smoothing: int = 7) -> torch.Tensor:
+    """How much each pixel of RGB tiles ``(B, 3, H, W)`` uint8 is glass: ``(B, H, W)`` float32 in [0, 1].
+
+    A pixel is glass when its saturation is at most ``threshold`` (the slide's tissue threshold) and its
+    brightest channel at least ``min_value`` (dark grey debris and pen are not glass); the 0/1 map is averaged
+    over ``smoothing`` x ``smoothing`` px so that tissue edges blend instead of stepping.
+    """
+    pixels = tiles.to(torch.float32)
+    high = pixels.amax(dim=1)
+    low = pixels.amin(dim=1)
+    saturation = torch.where(high > 0, (high - low) / high.clamp(min=1.0), torch.zeros_like(high))
+    glass = ((saturation <= threshold) & (high >= min_value)).to(torch.float32)[:, None]
+    if smoothing > 1:
+        glass = torch.nn.functional.avg_pool2d(
+            glass, smoothing, stride=1, padding=smoothing // 2, count_include_pad=False
+        )
+    return glass[:, 0]
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:

@@ -28,6 +28,7 @@ from tests.conftest import REPO_ROOT
 from tests.roigan_stain_transfer.wsi.conftest import write_slide
 
 QUIET = {"progress": False, "num_workers": 0}
+AS_IS = {"background": "generator"}  # the generator's pixels untouched (exact comparisons)
 
 
 def _read_all(path, level=0) -> np.ndarray:
@@ -42,7 +43,7 @@ def _tiny_generator(seed: int = 0) -> ResnetGenerator:
 
 def test_identity_generator_reproduces_the_slide_exactly(cmu_slide, cmu_region, tmp_path):
     """Tiling, blending, stitching, writing and geometry add nothing: lossless output == input, bit for bit."""
-    settings = SlideInferenceSettings(normalization="tile", compression="deflate", min_tissue=0.0, **QUIET)
+    settings = SlideInferenceSettings(normalization="tile", compression="deflate", min_tissue=0.0, **AS_IS, **QUIET)
     out = tmp_path / "identity.tiff"
     summary = infer_slide(cmu_slide, out, torch.nn.Identity(), settings)
     assert summary["tiles"]["translated"] == summary["tiles"]["grid"] == 140
@@ -59,7 +60,7 @@ def test_identity_at_a_level_other_than_0(cmu_region, tmp_path):
     half = downscale_local_mean(base.astype(float), (2, 2, 1)).round().astype(np.uint8)
     path = write_slide(tmp_path / "two_levels.tif", [base, half], mpp=0.25, compression="zlib")
     settings = SlideInferenceSettings(
-        normalization="tile", min_tissue=0.0, tile_size=128, overlap=16, compression="deflate", **QUIET
+        normalization="tile", min_tissue=0.0, tile_size=128, overlap=16, compression="deflate", **AS_IS, **QUIET
     )
     out = tmp_path / "level1.tiff"
     summary = infer_slide(path, out, torch.nn.Identity(), settings)
@@ -68,6 +69,19 @@ def test_identity_at_a_level_other_than_0(cmu_region, tmp_path):
         assert slide.dimensions == (640, 768)
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
     assert np.array_equal(_read_all(out), half)
+
+
+def test_glass_in_translated_tiles_is_made_white(tmp_path):
+    image = np.full((512, 512, 3), 236, np.uint8)  # greyish glass
+    image[150:350, 150:350] = (190, 110, 170)  # stained tissue
+    path = write_slide(tmp_path / "glass.tif", [image], mpp=0.5, compression="zlib")
+    settings = SlideInferenceSettings(normalization="tile", compression="deflate", min_tissue=0.0, **QUIET)
+    infer_slide(path, tmp_path / "white.tiff", torch.nn.Identity(), settings)
+    out = _read_all(tmp_path / "white.tiff").astype(int)
+    assert (out[:100, :100] == 255).all() and (out[400:, 400:] == 255).all()  # glass -> white
+    assert np.abs(out[160:340, 160:340] - image[160:340, 160:340]).max() <= 1  # tissue untouched
+    edge = out[250, 140:160, 0]  # from glass (255) into tissue (190): a soft, monotonic step over a few pixels
+    assert np.all(np.diff(edge) <= 1) and ((edge > 191) & (edge < 254)).sum() >= 3
 
 
 def test_slide_outputs_open_where_users_open_them(cmu_slide, tmp_path):
