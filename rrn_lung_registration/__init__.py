@@ -4,14 +4,14 @@ Submodules:
 
 * the method: ``networks`` (RRN, VoxelMorph baseline), ``losses``, ``warp``, ``fields`` (Jacobian),
   ``engines`` (MONAI trainer / evaluator), ``metrics``;
-* data: ``ct_io`` (CT readers and writers, DIR-Lab raw files, displacement fields), ``data`` (datalists and
-  checks), ``landmarks`` (files, world/voxel conversion, TRE), ``lung_mask`` (automatic lung masks, lung
-  crop), ``phantom`` (synthetic breathing-lung pairs), ``synthetic`` (synthetic breathing pairs from a real
-  CT);
+* data: ``ct_io`` (CT readers and writers, DIR-Lab raw files, displacement fields), ``integrity``
+  (truncated / corrupt image files), ``data`` (datalists and checks), ``landmarks`` (files, world/voxel
+  conversion, TRE), ``lung_mask`` (automatic lung masks, lung crop), ``phantom`` (synthetic breathing-lung
+  pairs), ``synthetic`` (synthetic breathing pairs from a real CT);
 * registering real scans: ``spatial`` (world-space sampling, grids), ``prealign`` (rigid / affine),
   ``instance`` (instance optimisation), ``transform`` (the physical-space transform), ``pipeline`` (the
-  whole registration of a pair and its outputs; ``python -m rrn_lung_registration register``), ``overview``
-  (PNG).
+  whole registration of a pair and its outputs; ``python -m rrn_lung_registration register``), ``preflight``
+  (the checks made before a registration starts, and of its result), ``overview`` (PNG).
 
 Bundle configs import this package and reach everything as ``rrn_lung_registration.<submodule>.<name>``.
 """
@@ -22,6 +22,7 @@ from rrn_lung_registration import (
     engines,
     fields,
     instance,
+    integrity,
     landmarks,
     losses,
     lung_mask,
@@ -31,6 +32,7 @@ from rrn_lung_registration import (
     phantom,
     pipeline,
     prealign,
+    preflight,
     spatial,
     synthetic,
     transform,
@@ -43,6 +45,7 @@ __all__ = [
     "engines",
     "fields",
     "instance",
+    "integrity",
     "landmarks",
     "losses",
     "lung_mask",
@@ -52,6 +55,7 @@ __all__ = [
     "phantom",
     "pipeline",
     "prealign",
+    "preflight",
     "spatial",
     "synthetic",
     "transform",

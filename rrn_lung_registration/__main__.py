@@ -5,15 +5,28 @@
 a PNG overview and, with landmark files, the TRE report, all in the fixed image's physical space (see
 :mod:`rrn_lung_registration.pipeline`). Without ``--weights`` it registers by instance optimisation alone.
 ``warp`` applies a displacement field written by ``register`` (or any ITK displacement field) to an image.
+
+Everything that can be checked is checked before any work (:mod:`rrn_lung_registration.preflight`), and a
+refusal is one line ``error: <file>: <problem>`` on stderr. Exit codes: 0 done (warnings, if any, are in the
+log and in ``registration.json``), 1 an input, output folder or setting refused, 2 a command line that does
+not parse (an unknown command or option, an option without its value, extra arguments).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
+import logging
+import re
+import sys
+from collections.abc import Callable
 
 import fire
 
 from rrn_lung_registration.pipeline import RegistrationSettings, apply_displacement_field, register_files
+
+__all__ = ["check_options", "main", "register", "warp"]
 
 
 def register(
@@ -29,12 +42,14 @@ def register(
     instance_steps: int | None = None,
     instance_mode: str = "field",
     device: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Register MOVING (exhale) to FIXED (inhale) and write the outputs into OUTPUT.
 
     Args:
         fixed, moving: CT scans: a DICOM series folder, NIfTI, MHA, NRRD or DIR-Lab .img.
-        output: folder for the outputs (created; existing files of the same names are replaced).
+        output: folder for the outputs (created). A folder holding an earlier registration's outputs is
+            refused unless --overwrite.
         fixed_landmarks, moving_landmarks: corresponding landmark files (CSV in LPS mm, DIR-Lab text,
             elastix point sets) for the TRE report.
         weights: trained RRN weights (bundle checkpoint or state dict); without them the pair is
@@ -45,6 +60,7 @@ def register(
         instance_steps: optimisation steps per level (default: 100 without weights, 0 with).
         instance_mode: "field" (optimise the field) or "network" (fine-tune the weights).
         device: "cpu" or "cuda" (default: CUDA when available).
+        overwrite: replace the earlier outputs in OUTPUT (the whole set: no earlier file survives).
     """
     settings = RegistrationSettings(
         grid_size=grid_size,
@@ -55,8 +71,9 @@ def register(
         instance_mode=instance_mode,
         device=device,
     )
-    summary = register_files(fixed, moving, output, fixed_landmarks, moving_landmarks, settings)
-    print(json.dumps({key: summary[key] for key in ("timings_s", "jacobian", "tre_mm") if key in summary}, indent=2))
+    summary = register_files(fixed, moving, output, fixed_landmarks, moving_landmarks, settings, overwrite=overwrite)
+    shown = ("timings_s", "jacobian", "tre_mm", "warnings")
+    print(json.dumps({key: summary[key] for key in shown if key in summary}, indent=2))
 
 
 def warp(image: str, field: str, output: str, fill_hu: float = -1000.0) -> None:
@@ -71,8 +88,89 @@ def warp(image: str, field: str, output: str, fill_hu: float = -1000.0) -> None:
     print(apply_displacement_field(image, field, output, fill_hu))
 
 
-def main() -> None:
-    fire.Fire({"register": register, "warp": warp})
+COMMANDS: dict[str, Callable[..., None]] = {"register": register, "warp": warp}
+
+
+def _is_flag(token: str) -> bool:
+    """A flag as fire sees one: ``--name``, ``-name`` or ``-n`` (``-5`` is a negative number)."""
+    return token.startswith("--") or re.match(r"^-[a-zA-Z]", token) is not None
+
+
+def _takes_bool(parameter: inspect.Parameter) -> bool:
+    return parameter.annotation in (bool, "bool") or isinstance(parameter.default, bool)
+
+
+def check_options(argv: list[str], commands: dict[str, Callable[..., None]] = COMMANDS) -> str | None:
+    """An error message for a command line ``argv`` (without the program name), or ``None`` when it parses.
+
+    Checked as fire would read it, but strictly: the command exists; every ``--option`` (``-`` and ``_``
+    alike, ``--name=value`` or ``--name value``; ``-x`` when ``x`` starts one option only) is a parameter of
+    the command; an option that is not a flag has its value; there are no more positional arguments than
+    parameters left. Fire itself would run the command with defaults and complain only afterwards.
+    """
+    if not argv or argv[0] in ("-h", "--help"):
+        return None
+    name = argv[0]
+    command = commands.get(name)
+    if command is None:
+        return f"unknown command {name!r}; expected one of {', '.join(commands)}"
+    parameters = inspect.signature(command).parameters
+    valid = ", ".join(f"--{key}" for key in parameters)
+    named: set[str] = set()
+    positional: list[str] = []
+    tokens = argv[1:]
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        index += 1
+        if token == "--":  # fire's own flags follow
+            break
+        if token in ("-h", "--help"):
+            return None  # fire shows the command's help
+        if not _is_flag(token):
+            positional.append(token)
+            continue
+        option, has_value = token.split("=", 1)[0], "=" in token
+        key = option.lstrip("-").replace("-", "_")
+        alone = not has_value and (index == len(tokens) or _is_flag(tokens[index]))
+        if key not in parameters and key.startswith("no") and alone and key[2:] in parameters:
+            key = key[2:]
+            if not _takes_bool(parameters[key]):
+                return f"{name}: --{key} is not a flag; give it a value (--{key} VALUE)"
+        elif key not in parameters and len(key) == 1:
+            matches = [candidate for candidate in parameters if candidate.startswith(key)]
+            if len(matches) > 1:
+                return f"{name}: {option} is ambiguous ({', '.join(f'--{m}' for m in matches)})"
+            key = matches[0] if matches else key
+        if key not in parameters:
+            close = difflib.get_close_matches(key, list(parameters), n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            return f"{name}: unknown option {option}{hint}; valid options: {valid}"
+        if alone and not _takes_bool(parameters[key]):
+            return f"{name}: option --{key} needs a value (--{key} VALUE)"
+        named.add(key)
+        if not has_value and not alone:
+            index += 1  # the option's value
+    free = [key for key in parameters if key not in named]
+    if len(positional) > len(free):
+        extra = " ".join(positional[len(free) :])
+        return f"{name}: unexpected argument(s) {extra!r}; {name} takes {', '.join(free) or 'no more arguments'}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a command; exit 2 for a command line that does not parse, 1 for a refused input (one line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    problem = check_options(argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fire.Fire(COMMANDS, command=argv)
+    except (ValueError, OSError) as error:  # the library's refusals: each names the file at fault
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

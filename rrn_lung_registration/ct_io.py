@@ -46,6 +46,12 @@ the field's (fixed) space to the moving space; ITK's ``DisplacementFieldTransfor
 and 3D Slicer read them as such. In memory the field is ``(I, J, K, 3)`` (component = LPS axis) with the
 grid's voxel -> RAS affine.
 
+Damaged files
+-------------
+A NIfTI, MetaImage or NRRD file is checked against its own header before ITK reads it
+(:func:`~rrn_lung_registration.integrity.verify_image_file`): a cut or corrupt file is refused as
+``"<file>: truncated or corrupt (...)"`` instead of coming back zero-filled.
+
 Writing
 -------
 :func:`write_image` writes NIfTI (``.nii``, ``.nii.gz``), MHA (``.mha``) or NRRD (``.nrrd``) through ITK,
@@ -67,6 +73,7 @@ import torch
 from monai.data import ImageReader, ITKReader, MetaTensor
 from monai.data.utils import is_no_channel, orientation_ras_lps
 
+from rrn_lung_registration.integrity import verify_image_file
 from shared_ops.atomic import atomic_write
 
 __all__ = [
@@ -485,16 +492,22 @@ def read_ct(path: str | os.PathLike, reader: ImageReader | None = None, series_u
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a folder holds no DICOM series (naming the folder).
-        ValueError: not a single 3-D volume ("expected a 3-D volume", naming the file), or an unreadable
-            DIR-Lab file.
+        ValueError: not a single 3-D volume ("expected a 3-D volume", naming the file), an unreadable
+            DIR-Lab file, or a NIfTI / MetaImage / NRRD file holding fewer voxel bytes than its header announces
+            or a damaged compressed stream ("<file>: truncated or corrupt (...)", see
+            :mod:`rrn_lung_registration.integrity`; ITK itself would fill a cut NIfTI file with zeros).
+
+    For the files :mod:`~rrn_lung_registration.integrity` checks, ``meta["nonfinite_voxels"]`` counts the NaN /
+    infinite values stored in the file (ITK's NIfTI reader reads them as 0; a warning says so).
     """
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder.")
     source = str(path)
+    nonfinite = verify_image_file(path) if path.is_file() else None
     if reader is not None:
         array, meta = reader.get_data(reader.read(source))
-        return _to_metatensor(np.asarray(array), dict(meta), source)
+        return _with_file_check(_to_metatensor(np.asarray(array), dict(meta), source), nonfinite)
     if path.is_dir():
         image, uid, count = _read_dicom_series(path, series_uid=series_uid)
         return _itk_to_metatensor(image, source, {"series_uid": uid, "number_of_files": count})
@@ -511,7 +524,24 @@ def read_ct(path: str | os.PathLike, reader: ImageReader | None = None, series_u
         image = itk.imread(source)
     except (RuntimeError, KeyError) as error:
         raise ValueError(f"{path}: ITK cannot read this file ({str(error).strip().splitlines()[-1]}).") from None
-    return _itk_to_metatensor(image, source)
+    return _with_file_check(_itk_to_metatensor(image, source), nonfinite)
+
+
+def _with_file_check(image: MetaTensor, nonfinite: int | None) -> MetaTensor:
+    """Record the file's count of non-finite stored values (``meta["nonfinite_voxels"]``); warn when the
+    reader replaced them (ITK's NIfTI reader reads NaN / inf as 0)."""
+    if nonfinite is None:
+        return image
+    image.meta["nonfinite_voxels"] = nonfinite
+    if nonfinite and image.is_floating_point():
+        kept = int((~torch.isfinite(image.as_tensor())).sum())
+        if kept < nonfinite:
+            warnings.warn(
+                f"{image.meta['filename_or_obj']}: {nonfinite} NaN or infinite voxels in the file were read as "
+                "finite values (ITK's NIfTI reader makes them 0).",
+                stacklevel=3,
+            )
+    return image
 
 
 def _itk_array(array: np.ndarray) -> np.ndarray:
@@ -606,13 +636,15 @@ def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, torc
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a 3-D image with 3 components per voxel (naming the file).
+        ValueError: the file is not a 3-D image with 3 components per voxel, is truncated or corrupt, or holds
+            NaN / infinite displacements (naming the file).
     """
     import itk
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such displacement field file.")
+    nonfinite = verify_image_file(path) or 0
     try:
         image = itk.imread(str(path))
     except (RuntimeError, KeyError) as error:
@@ -624,6 +656,12 @@ def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, torc
             f"{dimension}-D image with {components} component(s) per voxel."
         )
     array = np.asarray(itk.array_from_image(image), dtype=np.float32).transpose(2, 1, 0, 3)
+    nonfinite = max(nonfinite, int(array.size - np.count_nonzero(np.isfinite(array))))
+    if nonfinite:
+        raise ValueError(
+            f"{path}: {nonfinite} displacement values are NaN or infinite; a displacement field must be finite "
+            "everywhere."
+        )
     direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
     lps = np.eye(4)
     lps[:3, :3] = direction @ np.diag(np.asarray(image.GetSpacing(), dtype=np.float64))

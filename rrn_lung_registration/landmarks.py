@@ -66,20 +66,41 @@ CSV_HEADER = ("x", "y", "z")
 
 
 def read_landmarks_csv(path: str | os.PathLike) -> np.ndarray:
-    """Read a landmark CSV (header ``x,y,z``, world LPS mm): ``(N, 3)`` float64."""
+    """Read a landmark CSV (header ``x,y,z``, world LPS mm): ``(N, 3)`` float64.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed file; the message names the file and, for a bad row, its line number.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: landmark file not found.")
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
-    if not rows or tuple(cell.strip().lower() for cell in rows[0]) != CSV_HEADER:
-        raise ValueError(f"{path}: expected a CSV with the header 'x,y,z' (world LPS millimetres).")
+    rows: list[tuple[int, list[str]]] = []
     try:
-        points = np.array([[float(cell) for cell in row] for row in rows[1:]], dtype=np.float64)
-    except ValueError as error:
-        raise ValueError(f"{path}: every landmark row must hold three numbers ({error}).") from None
-    if points.size == 0 or points.ndim != 2 or points.shape[1] != 3 or not np.isfinite(points).all():
-        raise ValueError(f"{path}: expected one or more rows of three finite numbers, got shape {points.shape}.")
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            for row in reader:
+                if row and any(cell.strip() for cell in row):
+                    rows.append((reader.line_num, [cell.strip() for cell in row]))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text landmark file (it does not decode as UTF-8).") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: line {reader.line_num}: not a CSV row ({error}).") from None
+    if not rows or tuple(cell.lower() for cell in rows[0][1]) != CSV_HEADER:
+        where = f"line {rows[0][0]}: " if rows else ""
+        raise ValueError(f"{path}: {where}expected a CSV with the header 'x,y,z' (world LPS millimetres).")
+    if len(rows) == 1:
+        raise ValueError(f"{path}: expected one or more rows of three finite numbers after the header, got none.")
+    points = np.empty((len(rows) - 1, 3), dtype=np.float64)
+    for index, (number, row) in enumerate(rows[1:]):
+        if len(row) != 3:
+            raise ValueError(f"{path}: line {number}: expected three numbers x,y,z, got {len(row)}: {','.join(row)!r}.")
+        try:
+            points[index] = [float(cell) for cell in row]
+        except ValueError:
+            raise ValueError(f"{path}: line {number}: expected three numbers x,y,z, got {','.join(row)!r}.") from None
+        if not np.isfinite(points[index]).all():
+            raise ValueError(f"{path}: line {number}: landmark coordinates must be finite numbers, got {row}.")
     return points
 
 
@@ -237,8 +258,8 @@ def _parse_points(path: Path, rows: list[tuple[int, str]]) -> np.ndarray:
             points[index] = [float(cell) for cell in cells]
         except ValueError:
             raise ValueError(f"{path}: line {number}: expected three numbers 'x y z', got {row!r}.") from None
-    if not np.isfinite(points).all():
-        raise ValueError(f"{path}: landmark coordinates must be finite numbers.")
+        if not np.isfinite(points[index]).all():
+            raise ValueError(f"{path}: line {number}: landmark coordinates must be finite numbers, got {row!r}.")
     return points
 
 

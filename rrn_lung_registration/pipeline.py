@@ -21,14 +21,22 @@ and :func:`write_outputs` writes, on the fixed image's own grid and geometry:
 ``fixed_lung_mask.nii.gz``     the lung mask the registration used (uint8)
 ``prealign.tfm``               the pre-alignment A as an ITK ``AffineTransform`` (LPS)
 ``overview.png``               a coronal slice: fixed, moving, warped, differences, |phi - id|, Jacobian
-``registration.json``          settings, timings, Jacobian statistics and folding in the lungs, TRE
+``registration.json``          settings, timings, Jacobian and folding statistics, TRE, warnings
 ``warped_landmarks.csv``       phi(fixed landmarks), LPS mm (with landmarks)
 ``tre_per_landmark.csv``       TRE per landmark: before, after pre-alignment, after (sub-voxel, snapped)
 ``tre_summary.json``           mean, std, p95, max of each
 =============================  =====================================================================
 
 Everything is written to a hidden staging folder inside the output folder and moved into place only
-when all files are complete, so a failed or interrupted run leaves no partial set behind.
+when all files are complete, so a failed or interrupted run leaves no partial set behind; the set replaces
+any earlier one as a whole (no file of an earlier run survives beside the new ones), and the staging folders
+of killed runs are removed by the next run into the folder.
+
+Before any computation, :func:`register_files` checks what can be checked (:mod:`~rrn_lung_registration.preflight`):
+the output folder (writable, not a file, no earlier outputs unless ``overwrite``), the settings, the weights
+file, each image (complete file, finite voxels, chest-CT spacing and extent, Hounsfield units) and the
+landmarks (inside their images). After the registration, a mean Jacobian determinant in the lungs that
+breathing cannot produce is logged as a warning and listed under ``"warnings"`` in ``registration.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
+import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -49,18 +60,35 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from rrn_lung_registration.ct_io import read_ct, read_displacement_field, write_displacement_field, write_image
+from rrn_lung_registration.ct_io import (
+    WRITE_SUFFIXES,
+    read_ct,
+    read_displacement_field,
+    write_displacement_field,
+    write_image,
+)
 from rrn_lung_registration.instance import finetune_network, optimise_field
 from rrn_lung_registration.landmarks import LPS_TO_RAS, summarize_errors, write_landmarks_csv
 from rrn_lung_registration.losses import RegistrationLoss
 from rrn_lung_registration.lung_mask import axial_axis_from_affine, check_ct_intensities, lung_bounding_box, lung_mask
 from rrn_lung_registration.overview import save_overview
 from rrn_lung_registration.prealign import PrealignSettings, prealign, window_hu
+from rrn_lung_registration.preflight import (
+    check_ct_geometry,
+    check_finite,
+    check_landmarks_inside,
+    check_output_file,
+    check_output_folder,
+    jacobian_warning,
+    remove_stale_staging,
+    staging_prefix,
+)
 from rrn_lung_registration.spatial import Grid, sample_voxels, sample_world
 from rrn_lung_registration.transform import RegistrationTransform
 from shared_ops.atomic import atomic_write
 
 __all__ = [
+    "OUTPUT_FILES",
     "LungRegistration",
     "RegistrationResult",
     "RegistrationSettings",
@@ -72,6 +100,22 @@ __all__ = [
 ]
 
 _LPS = np.asarray(LPS_TO_RAS, dtype=np.float64)
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FILES = (
+    "warped_moving.nii.gz",
+    "displacement_field.nii.gz",
+    "jacobian_determinant.nii.gz",
+    "fixed_lung_mask.nii.gz",
+    "prealign.tfm",
+    "overview.png",
+    "warped_landmarks.csv",
+    "tre_per_landmark.csv",
+    "tre_summary.json",
+    "registration.json",
+)
+"""Every file a registration may write (the module notes); an output folder holds one such set at a time."""
 
 
 @dataclass
@@ -116,10 +160,32 @@ class RegistrationSettings:
 
     def grid_shape(self) -> tuple[int, int, int]:
         size = self.grid_size
-        shape = (int(size),) * 3 if isinstance(size, int | float) else tuple(int(s) for s in size)
+        try:
+            shape = (int(size),) * 3 if isinstance(size, int | float) else tuple(int(s) for s in size)
+        except (TypeError, ValueError):
+            shape = ()
         if len(shape) != 3 or min(shape) < 8:
             raise ValueError(f"grid_size must be one size or three sizes of at least 8, got {size!r}.")
         return shape
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for a setting the registration would otherwise trip over only after minutes."""
+        shape = self.grid_shape()
+        if self.weights is not None and any(s % 16 for s in shape):
+            raise ValueError(f"grid_size must be a multiple of 16 for the RRN's weights, got {self.grid_size!r}.")
+        if self.prealign not in ("affine", "rigid", "none"):
+            raise ValueError(f"prealign must be 'affine', 'rigid' or 'none', got {self.prealign!r}.")
+        if self.instance_mode not in ("field", "network"):
+            raise ValueError(f"instance_mode must be 'field' or 'network', got {self.instance_mode!r}.")
+        steps = self.instance_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0):
+            raise ValueError(f"instance_steps must be a whole number of steps (0 or more), got {steps!r}.")
+        for name in ("margin_mm", "fill_hu"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.margin_mm < 0:
+            raise ValueError(f"margin_mm must be 0 or more, got {self.margin_mm!r}.")
 
 
 @dataclass
@@ -147,13 +213,21 @@ def _source(image: torch.Tensor, default: str) -> str:
 
 
 def _check_image(image: torch.Tensor, default: str) -> str:
+    """Refuse what is not a chest CT in HU (naming the file): shape, NaN / inf, geometry, intensities."""
     source = _source(image, default)
     if not isinstance(image, MetaTensor):
         raise ValueError(f"{source}: expected a MetaTensor with its affine (read it with ct_io.read_ct).")
     if image.ndim != 3:
         raise ValueError(f"{source}: expected a 3-D volume (I, J, K), got shape {tuple(image.shape)}.")
+    check_finite(image, source)
+    check_ct_geometry(image, source)
     check_ct_intensities(image, source)
     return source
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 @contextlib.contextmanager
@@ -172,19 +246,42 @@ class LungRegistration:
 
     def __init__(self, settings: RegistrationSettings | None = None) -> None:
         self.settings = settings or RegistrationSettings()
-        if self.settings.instance_mode not in ("field", "network"):
-            raise ValueError(f"instance_mode must be 'field' or 'network', got {self.settings.instance_mode!r}.")
+        self.settings.check()
         if self.settings.instance_mode == "network" and self.settings.weights is None:
             raise ValueError("instance_mode 'network' fine-tunes trained weights: give weights=... too.")
         device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device {device!r} is not a torch device ({_one_line(error)}).") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use device='cpu'.")
         self.network = self._load_network() if self.settings.weights else None
 
     def _load_network(self) -> torch.nn.Module:
+        """The RRN with the settings' weights (``torch.load(..., weights_only=True)``).
+
+        Raises:
+            FileNotFoundError: no such weights file.
+            ValueError: one line naming the file and the problem: not a PyTorch file, damaged, holding
+                objects other than tensors, or weights of another network.
+        """
         from rrn_lung_registration.networks import RRN
         from shared_ops.checkpoints import load_network_weights
 
-        network = load_network_weights(RRN(**self.settings.network), self.settings.weights)
+        path = Path(self.settings.weights)
+        if not path.is_file():
+            what = "a folder, not a weights file" if path.is_dir() else "no such weights file"
+            raise FileNotFoundError(f"{path}: {what}.")
+        network = RRN(**self.settings.network)
+        try:
+            network = load_network_weights(network, path)
+        except Exception as error:  # unpickling, zip and state-dict errors alike: the file is the problem
+            detail = _one_line(error).removeprefix(f"{path}: ")
+            raise ValueError(
+                f"{path}: cannot load these weights ({type(error).__name__}: {detail}); expected an RRN state "
+                "dict or a bundle checkpoint holding one under 'network', saved with torch.save."
+            ) from None
         return network.to(self.device).eval()
 
     def register(self, fixed: MetaTensor, moving: MetaTensor) -> RegistrationResult:
@@ -342,17 +439,27 @@ def write_outputs(
     fixed_landmarks: np.ndarray | None = None,
     moving_landmarks: np.ndarray | None = None,
     settings: RegistrationSettings | None = None,
+    input_warnings: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the outputs listed in the module notes into ``output``; returns ``{name: path}``.
 
     Landmarks are ``(N, 3)`` LPS mm (as :func:`~rrn_lung_registration.landmarks.read_landmarks` gives).
+    The new set replaces any earlier registration's outputs in ``output`` as a whole, and staging folders
+    of killed runs are removed. ``registration.json`` lists under ``"warnings"`` the ``input_warnings`` and
+    a mean Jacobian determinant in the lungs outside
+    :data:`~rrn_lung_registration.preflight.JACOBIAN_MEAN_RANGE` (also logged as a warning).
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(output)
     fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
     transform = result.transform
-    summary: dict = {"settings": asdict(settings) if settings else None, "timings_s": dict(result.timings)}
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=output))
+    summary: dict = {
+        "settings": asdict(settings) if settings else None,
+        "timings_s": dict(result.timings),
+        "warnings": list(input_warnings),
+    }
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=output))
     try:
         files: dict[str, str] = {}
 
@@ -370,6 +477,10 @@ def write_outputs(
         write_image(target("fixed_lung_mask.nii.gz"), result.fixed_mask.astype(np.uint8), fixed_grid.affine)
         _write_itk_affine(target("prealign.tfm"), transform.prealign)
         summary["jacobian"] = _jacobian_summary(transform, result.fixed_mask, fixed_grid)
+        implausible = jacobian_warning(summary["jacobian"]["mean_in_lungs"])
+        if implausible:
+            logger.warning("%s: %s", output, implausible)
+            summary["warnings"].append(implausible)
         images = result.grid_images
         save_overview(
             target("overview.png"),
@@ -390,11 +501,24 @@ def write_outputs(
         report = target("registration.json")
         summary["files"] = sorted(files)
         report.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        for name in files:
-            os.replace(staging / name, output / name)
+        _replace_outputs(staging, output, list(files))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {name: output / name for name in files}
+
+
+def _replace_outputs(staging: Path, output: Path, names: Sequence[str]) -> None:
+    """Move the complete new set ``names`` (``registration.json`` last) from ``staging`` into ``output``.
+
+    Any earlier set goes first: its report (a folder without ``registration.json`` is recognisably
+    incomplete), then its files that the new set does not rewrite, so that no file of it survives.
+    """
+    (output / "registration.json").unlink(missing_ok=True)
+    for name in OUTPUT_FILES:
+        if name not in names:
+            (output / name).unlink(missing_ok=True)
+    for name in names:
+        os.replace(staging / name, output / name)
 
 
 def _jacobian_summary(transform: RegistrationTransform, fixed_mask: np.ndarray, fixed_grid: Grid) -> dict:
@@ -420,26 +544,53 @@ def register_files(
     fixed_landmarks: str | os.PathLike | None = None,
     moving_landmarks: str | os.PathLike | None = None,
     settings: RegistrationSettings | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Read a pair of CT files (and landmark files), register, write the outputs; returns the summary.
 
     Inputs are anything :func:`~rrn_lung_registration.ct_io.read_ct` reads and landmarks anything
     :func:`~rrn_lung_registration.landmarks.read_landmarks` reads (voxel formats refer to the images given).
-    Everything is read and checked before the registration starts.
+    Everything is read and checked before the registration starts, in this order: the settings, the output
+    folder, the weights, the images, the landmarks (see the module notes). Landmarks partly outside their
+    image are a warning (logged, and kept in ``registration.json``).
+
+    Args:
+        overwrite: replace the outputs of an earlier registration in ``output`` (the whole set); without it
+            such a folder is refused.
+
+    Raises:
+        FileExistsError: ``output`` holds an earlier registration's outputs and ``overwrite`` is false.
+        NotADirectoryError, PermissionError: ``output`` is a file, or cannot be written.
+        FileNotFoundError, ValueError: a missing or unusable input, naming the file.
     """
     from rrn_lung_registration.landmarks import read_landmark_pair
 
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ValueError("give both fixed_landmarks and moving_landmarks, or neither.")
     settings = settings or RegistrationSettings()
+    settings.check()
+    output = check_output_folder(output, OUTPUT_FILES, overwrite)
+    registration = LungRegistration(settings)
     fixed_image, moving_image = read_ct(fixed), read_ct(moving)
-    points = None
+    _check_image(fixed_image, str(fixed))
+    _check_image(moving_image, str(moving))
+    points, notes = None, []
     if fixed_landmarks is not None:
         points = read_landmark_pair(fixed_landmarks, moving_landmarks, fixed_image, moving_image)
-    registration = LungRegistration(settings)
+        for path, found, image, source in (
+            (fixed_landmarks, points[0], fixed_image, fixed),
+            (moving_landmarks, points[1], moving_image, moving),
+        ):
+            note = check_landmarks_inside(found, image, path, str(source))
+            if note:
+                logger.warning(note)
+                notes.append(note)
+    remove_stale_staging(output)
     result = registration.register(fixed_image, moving_image)
-    write_outputs(result, fixed_image, moving_image, output, *(points or (None, None)), settings=settings)
-    return json.loads((Path(output) / "registration.json").read_text())
+    write_outputs(
+        result, fixed_image, moving_image, output, *(points or (None, None)), settings=settings, input_warnings=notes
+    )
+    return json.loads((output / "registration.json").read_text())
 
 
 def apply_displacement_field(
@@ -457,11 +608,18 @@ def apply_displacement_field(
 
     Raises:
         ValueError: the field is not a displacement field, or more than ``max_outside`` of its points map
-            outside the image (the field belongs to another image), naming both files.
+            outside the image (the field belongs to another image), naming both files; a truncated or
+            corrupt file, NaN / infinite values, a geometry no chest CT has, an output with an unsupported
+            suffix (all checked before the resampling).
+        IsADirectoryError, NotADirectoryError, PermissionError: ``output`` cannot be written.
     """
+    check_output_file(output, WRITE_SUFFIXES)
     moving = read_ct(image)
+    check_finite(moving, str(image))
+    check_ct_geometry(moving, str(image))
     vectors, affine = read_displacement_field(field)
     grid = Grid(vectors.shape[:3], affine)
+    check_ct_geometry(grid, str(field))
     values = torch.empty(grid.shape, dtype=torch.float32)
     outside = 0
     lps = torch.as_tensor(_LPS)
@@ -501,7 +659,8 @@ def register_datalist(
 
     Also writes ``output_dir/summary.csv`` (one row per pair: mean TRE before / after pre-alignment / after,
     folding in the lungs, seconds) and returns the rows. A pair whose folder already holds a
-    ``registration.json`` is read back instead of registered again, so an interrupted run resumes.
+    ``registration.json`` is read back instead of registered again, so an interrupted run resumes (a folder
+    without it holds at most an interrupted set, which is replaced).
     """
     output_dir = Path(output_dir)
     rows, taken = [], set()
@@ -514,7 +673,7 @@ def register_datalist(
         else:
             summary = register_files(
                 pair["fixed"], pair["moving"], folder, pair.get("fixed_landmarks"), pair.get("moving_landmarks"),
-                settings,
+                settings, overwrite=True,
             )  # fmt: skip
         tre = summary.get("tre_mm", {})
         rows.append(
