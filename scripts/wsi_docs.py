@@ -10,8 +10,8 @@
    (:func:`roigan_stain_transfer.wsi.stitching.seam_step`) for the four runs ->
    ``bench/results/wsi_seams.{json,md}``.
 4. ``bundles/roigan_stain_transfer/docs/images/wsi_sample.jpg``: H&E | virtual IHC (tile, no overlap) | virtual
-   IHC (dense, overlap) | virtual DAB heat map with the DAB-positive regions; below, the same tile junction at full
-   resolution in the two modes.
+   IHC (dense, overlap) | virtual DAB heat map with the DAB-positive regions; below, one tile corner at full
+   resolution: per-tile statistics and dense statistics without overlap, and dense with the default overlap.
 
 Usage: ``python scripts/wsi_docs.py [--weights model.pt --generator-blocks 9 --generator-channels 64]``.
 """
@@ -187,15 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     top = _row(
         [
             _label(he, "H&E"),
-            _label(small(images[("tile", 0)]), "virtual IHC, per-tile norm"),
-            _label(small(images[("dense", 32)]), "virtual IHC, dense norm"),
+            _label(small(images[("tile", 0)]), "virtual IHC: per-tile norm, no overlap"),
+            _label(small(images[("dense", 32)]), "virtual IHC: dense norm, 32 px overlap (default)"),
             _label(heat, "virtual DAB + regions"),
         ]
     )
     grid = TileGrid.over(images[("tile", 0)].shape[:2], 256, 0)
     r, c = _junction(grid, images[("tile", 0)])
-    crops = [images[key][r : r + 448, c : c + 448] for key in (("tile", 0), ("dense", 32))]
-    bottom = _row([_label(crops[0], "tile corner, per-tile norm"), _label(crops[1], "same place, dense norm")])
+    crops = {key: images[key][r : r + 448, c : c + 448] for key in (("tile", 0), ("dense", 0), ("dense", 32))}
+    bottom = _row(
+        [
+            _label(crops[("tile", 0)], "a tile corner: per-tile norm, no overlap"),
+            _label(crops[("dense", 0)], "dense norm, no overlap"),
+            _label(crops[("dense", 32)], "dense norm, 32 px overlap"),
+        ]
+    )
     picture = _stack([top, bottom])
     args.images.mkdir(parents=True, exist_ok=True)
     picture_path = args.images / "wsi_sample.jpg"
