@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "slide": "CMU-1-Small-Region (CC0), 2220 x 2967 px at 0.499 um/px",
         "generator": {"weights": str(weights), "blocks": args.generator_blocks, "channels": args.generator_channels},
-        "metric": "mean |colour difference| (RGB, 0-255) between the 8 px on either side of a line, per 32 px "
-        "segment, tissue only: across tile borders (seam) vs across lines through tile centres (within)",
+        "metric": "mean |colour difference| (RGB, 0-255) between the mean colours of the 16 px on either side of a "
+        "line, outside the blended overlap, per 32 px segment, tissue only: across tile borders (seam) vs across "
+        "lines through tile centres (within)",
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
         "runs": rows,
     }

@@ -183,17 +183,21 @@ def _border_lines(origins: np.ndarray, tile_size: int) -> tuple[list[int], list[
     return borders, centres
 
 
-def _line_steps(image: np.ndarray, lines: list[int], width: int, segment: int, background: int) -> list[float]:
+def _line_steps(
+    image: np.ndarray, lines: list[int], width: int, gap: int, segment: int, background: int
+) -> list[float]:
     """Colour steps across vertical ``lines`` of ``image`` ``(H, W, 3)``: for each segment of ``segment`` rows, the
-    mean absolute difference (over RGB) between the mean colours of the ``width`` px on either side. Segments
-    touching background (a pixel with every channel above ``background``) are left out."""
+    mean absolute difference (over RGB) between the mean colours of the ``width`` px on either side, leaving
+    ``gap`` px around the line out. Segments touching background (every channel above ``background``) are left
+    out."""
     steps = []
     height = image.shape[0] - image.shape[0] % segment
+    half = gap // 2
     for x in lines:
-        if x - width < 0 or x + width > image.shape[1]:
+        if x - half - width < 0 or x + half + width > image.shape[1]:
             continue
         sides = []
-        for block in (image[:height, x - width : x], image[:height, x : x + width]):
+        for block in (image[:height, x - half - width : x - half], image[:height, x + half : x + half + width]):
             block = block.reshape(height // segment, segment * width, -1)
             sides.append((block.astype(np.float64).mean(axis=1), (block.min(axis=-1) > background).any(axis=1)))
         (left, left_bg), (right, right_bg) = sides
@@ -203,24 +207,28 @@ def _line_steps(image: np.ndarray, lines: list[int], width: int, segment: int, b
 
 
 def seam_step(
-    image: np.ndarray, grid: TileGrid, width: int = 8, segment: int = 32, background: int = 230
+    image: np.ndarray, grid: TileGrid, width: int = 16, segment: int = 32, background: int = 230
 ) -> dict[str, float]:
     """How visible the tile grid is in a stitched RGB image ``(H, W, 3)`` made on ``grid``.
 
-    ``seam``: mean colour step across the tile borders (the middle of each overlap), measured between the mean
-    colours of ``width`` px on either side over segments of ``segment`` px along the border; ``within``: the same
-    across lines through the tile centres (the texture's own steps); ``ratio`` = seam / within (1: no visible
-    grid). Borders in both directions count; segments touching background are left out.
+    ``seam``: mean colour step between neighbouring tiles: the difference of the mean colours of the ``width`` px
+    on either side of each tile border, outside the blended overlap (which a smooth ramp would otherwise hide
+    from the measure), over segments of ``segment`` px along the border; ``within``: the same across lines
+    through the tile centres (the tissue's own colour changes over that distance); ``ratio`` = seam / within
+    (1: the tile grid cannot be told from any other line). Borders in both directions count; segments touching
+    background are left out.
     """
+    gap = grid.overlap
     rows_b, rows_c = _border_lines(grid.rows, grid.tile_size)
     cols_b, cols_c = _border_lines(grid.cols, grid.tile_size)
     transposed = np.ascontiguousarray(np.swapaxes(image, 0, 1))
-    seam = _line_steps(image, cols_b, width, segment, background) + _line_steps(
-        transposed, rows_b, width, segment, background
-    )
-    within = _line_steps(image, cols_c, width, segment, background) + _line_steps(
-        transposed, rows_c, width, segment, background
-    )
+
+    def steps(lines_cols: list[int], lines_rows: list[int]) -> list[float]:
+        return _line_steps(image, lines_cols, width, gap, segment, background) + _line_steps(
+            transposed, lines_rows, width, gap, segment, background
+        )
+
+    seam, within = steps(cols_b, rows_b), steps(cols_c, rows_c)
     seam_mean = float(np.mean(seam)) if seam else float("nan")
     within_mean = float(np.mean(within)) if within else float("nan")
     return {
