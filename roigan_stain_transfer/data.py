@@ -599,6 +599,12 @@ class TileSampler(DistributedSampler):
     ``shuffle``), split between ``num_replicas`` ranks. ``num_replicas`` and ``rank`` default to the initialised
     process group, else to a single process. :meth:`set_start` makes the next iteration skip the first ``start``
     keys of this rank (used on resume, then reset to 0).
+
+    ``samples_per_epoch`` (per rank) decouples the epoch from the dataset, as the released code's epochs of 200
+    batches: each rank then reads an endless stream of passes over its share (pass ``p`` in the order above for
+    ``e = p``, with keys ``(index, p)``, so a tile seen twice gets new boxes and flips), and epoch ``e`` is items
+    ``e * samples_per_epoch`` to ``(e + 1) * samples_per_epoch - 1`` of that stream. Without it an epoch is one
+    pass, exactly as before.
     """
 
     def __init__(
@@ -609,6 +615,7 @@ class TileSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         drop_last: bool = False,
+        samples_per_epoch: int | None = None,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
@@ -616,7 +623,15 @@ class TileSampler(DistributedSampler):
         if rank is None:
             rank = dist.get_rank() if distributed else 0
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        if samples_per_epoch is not None and int(samples_per_epoch) < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1 (or None: one pass per epoch), got {samples_per_epoch}")
+        if self.num_samples < 1:
+            raise ValueError(f"TileSampler: {len(dataset)} samples leave none for rank {rank} of {num_replicas}")
+        self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.start = 0
+
+    def __len__(self) -> int:
+        return self.num_samples if self.samples_per_epoch is None else self.samples_per_epoch
 
     def set_start(self, start: int) -> None:
         """Skip the first ``start`` keys of the next pass over this rank's share."""
@@ -624,10 +639,26 @@ class TileSampler(DistributedSampler):
             raise ValueError(f"start must be >= 0, got {start}")
         self.start = int(start)
 
+    def _pass(self, number: int) -> list[tuple[int, int]]:
+        """This rank's keys of pass ``number``: the order of ``DistributedSampler`` at epoch ``number``."""
+        epoch, self.epoch = self.epoch, number
+        try:
+            return [(int(index), number) for index in super().__iter__()]
+        finally:
+            self.epoch = epoch
+
     def __iter__(self):
-        indices = list(super().__iter__())
+        if self.samples_per_epoch is None:
+            keys = self._pass(int(self.epoch))
+        else:
+            length, share = self.samples_per_epoch, self.num_samples
+            first = int(self.epoch) * length
+            keys = []
+            for number in range(first // share, (first + length - 1) // share + 1):
+                keys += self._pass(number)
+            keys = keys[first % share : first % share + length]
         start, self.start = self.start, 0
-        return iter([(int(index), int(self.epoch)) for index in indices[start:]])
+        return iter(keys[start:])
 
 
 def collate_tiles(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

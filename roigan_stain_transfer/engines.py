@@ -129,8 +129,9 @@ class LinearDecayLR(LambdaLR):
     """Constant learning rate for ``decay_start_epoch`` epochs, then linear decay to 0 at ``total_epochs``.
 
     Stepped once per epoch (:class:`RoIGANTrainer` does it at each epoch start, from the epoch count, so a resumed
-    run follows the same schedule). Released code: 25 epochs, decay from epoch 12. ``decay_start_epoch`` None (or
-    ``>= total_epochs``) keeps the rate constant.
+    run follows the same schedule). Released code: 25 epochs and ``decay_start_epoch=13``, i.e. the factor
+    ``1 - max(0, e - 12) / 13`` of its scheduler stepped after each epoch: 1 for the 0-based epochs 0-12, 12/13 at
+    epoch 13, 1/13 at epoch 24. ``decay_start_epoch`` None (or ``>= total_epochs``) keeps the rate constant.
 
     The state (``last_epoch``, base rates) leaves out the schedule itself: a run resumed with a larger
     ``total_epochs`` (to train longer) follows the schedule it is constructed with.
@@ -189,7 +190,9 @@ class RoIGANTrainer(Trainer):
             seeded from torch's global generator).
         lambda_gan, lambda_roi, lambda_cyc, lambda_id: loss weights (released code 1, 1, 30, 5; the paper's
             proposed model uses lambda_cyc 30). ``lambda_id = 0`` skips the identity passes.
-        epoch_length: iterations per epoch (default ``len(train_data_loader)``; exact resume needs the default).
+        epoch_length: iterations per epoch (default ``len(train_data_loader)``; exact resume needs the default: set
+            the epoch's length through :class:`~roigan_stain_transfer.data.TileSampler` ``samples_per_epoch``, as
+            the bundle's ``epoch_length`` does).
         non_blocking: non-blocking host-to-device copies.
         amp: mixed precision (float16 + gradient scalers on CUDA, bfloat16 on CPU).
         amp_kwargs: extra arguments of ``torch.autocast``.

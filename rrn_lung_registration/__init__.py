@@ -10,8 +10,9 @@ Submodules:
   pairs), ``synthetic`` (synthetic breathing pairs from a real CT);
 * registering real scans: ``spatial`` (world-space sampling, grids), ``prealign`` (rigid / affine),
   ``instance`` (instance optimisation), ``transform`` (the physical-space transform), ``pipeline`` (the
-  whole registration of a pair and its outputs; ``python -m rrn_lung_registration register``), ``preflight``
-  (the checks made before a registration starts, and of its result), ``overview`` (PNG).
+  whole registration of a pair and its outputs; ``python -m rrn_lung_registration register``),
+  ``datalist_registration`` (a datalist of pairs, resumable, keyed by input paths: the bundle's ``register.json``),
+  ``preflight`` (the checks made before a registration starts, and of its result), ``overview`` (PNG).
 
 Bundle configs import this package and reach everything as ``rrn_lung_registration.<submodule>.<name>``.
 """
@@ -19,6 +20,7 @@ Bundle configs import this package and reach everything as ``rrn_lung_registrati
 from rrn_lung_registration import (
     ct_io,
     data,
+    datalist_registration,
     engines,
     fields,
     instance,

@@ -5,6 +5,11 @@ A datalist is a JSON file holding either a list of pairs or sections of lists (`
 optionally, ``fixed_landmarks`` and ``moving_landmarks`` paths (CSV in world LPS mm, DIR-Lab text or elastix
 point files, see :mod:`rrn_lung_registration.landmarks`) and any other keys. Relative paths are resolved against the
 datalist's folder (or ``base_dir``).
+
+Every check names the file: a datalist that lists no pairs, a file it names that does not exist
+(:func:`load_datalist`), an image that cannot be read, e.g. a truncated ``.nii.gz`` (:class:`LoadVolumed`), an
+image that is not a single 3-D volume of finite values or, with ``hounsfield=True``, not CT in Hounsfield units
+(:class:`CheckVolumed`), a pair of different sizes (:class:`CheckSameShaped`).
 """
 
 from __future__ import annotations
@@ -17,11 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import LoadImaged, MapTransform
 
 from rrn_lung_registration.landmarks import read_landmarks, world_to_voxel
+from rrn_lung_registration.lung_mask import check_ct_intensities
 
-__all__ = ["IMAGE_KEYS", "LANDMARK_KEYS", "CheckSameShaped", "CheckVolumed", "LandmarksToVoxeld", "load_datalist"]
+__all__ = [
+    "IMAGE_KEYS",
+    "LANDMARK_KEYS",
+    "CheckSameShaped",
+    "CheckVolumed",
+    "LandmarksToVoxeld",
+    "LoadVolumed",
+    "load_datalist",
+]
 
 IMAGE_KEYS = ("fixed", "moving")
 LANDMARK_KEYS = ("fixed_landmarks", "moving_landmarks")
@@ -47,7 +61,8 @@ def load_datalist(
     Raises:
         FileNotFoundError: the datalist, or a file one of its pairs names, does not exist (the message
             names the datalist, the pair and the file).
-        ValueError: the file is not a datalist of pairs, lacks ``section``, or a pair lacks a required key.
+        ValueError: the file is not a datalist of pairs, lacks ``section``, lists no pairs (an empty training
+            list would otherwise stop later with a bare ``num_samples=0``), or a pair lacks a required key.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,6 +77,9 @@ def load_datalist(
         content = content[section]
     if not isinstance(content, list) or not all(isinstance(item, dict) for item in content):
         raise ValueError(f"{path}: expected a list of pairs (JSON objects), got {type(content).__name__}.")
+    if not content:
+        where = f"section {section!r}" if isinstance(section, str) and section else "the datalist"
+        raise ValueError(f"{path}: {where} lists no pairs.")
     base = Path(base_dir) if base_dir is not None else path.parent
     pairs = []
     for index, item in enumerate(content):
@@ -89,15 +107,52 @@ def _source(data: Mapping, key: Hashable) -> str:
     return str(name) if name else f"{key!r}"
 
 
+class LoadVolumed(LoadImaged):
+    """MONAI's ``LoadImaged`` (``image_only``) whose read errors name the file.
+
+    A truncated ``.nii.gz`` otherwise stops with a bare ``EOFError: Compressed file ended before the
+    end-of-stream marker was reached``, and other damaged files with messages of the reader library. Arguments
+    as ``LoadImaged``; the images come without metadata dicts (``image_only=True``, the metadata is in the
+    ``MetaTensor``).
+    """
+
+    def __init__(self, keys: KeysCollection, *args, **kwargs) -> None:
+        if not kwargs.setdefault("image_only", True):
+            raise ValueError("LoadVolumed reads images only (image_only=True): the metadata is in the MetaTensor.")
+        super().__init__(keys, *args, **kwargs)
+
+    def __call__(self, data: Mapping, reader=None) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = d[key]
+            try:
+                d[key] = self._loader(source, reader)
+            except Exception as error:
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+                raise ValueError(f"{source}: cannot read the image ({reason}); is the file complete?") from None
+        return d
+
+
 class CheckVolumed(MapTransform):
     """Reject images that are not single 3-D volumes of finite values, naming the file.
 
-    Place it right after ``LoadImaged`` (before a channel dimension is added): each image must then have
-    exactly three dimensions.
+    Place it right after ``LoadImaged`` (before a channel dimension is added and before any intensity scaling):
+    each image must then have exactly three dimensions.
+
+    Args:
+        keys: the image keys.
+        hounsfield: also require CT in Hounsfield units, by the rule the command line's ``register`` applies
+            (:func:`~rrn_lung_registration.lung_mask.check_ct_intensities`): the 1st percentile below -500 HU (air,
+            lung) and a range over 200 HU. Images already scaled to ``[0, 1]`` or ``[0, 255]``, or stored with an
+            offset (DIR-Lab raw files hold HU + 1024), fail: clipped to the HU window they would silently become
+            blank.
+        allow_missing_keys: as ``MapTransform``.
     """
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, hounsfield: bool = False, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.hounsfield = bool(hounsfield)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -109,6 +164,8 @@ class CheckVolumed(MapTransform):
             if not bool(finite.all()):
                 bad = int((~finite).sum())
                 raise ValueError(f"{_source(d, key)}: {bad} voxel(s) are NaN or infinite.")
+            if self.hounsfield:
+                check_ct_intensities(image, _source(d, key))
         return d
 
 

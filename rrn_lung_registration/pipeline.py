@@ -85,7 +85,6 @@ from rrn_lung_registration.preflight import (
 )
 from rrn_lung_registration.spatial import Grid, sample_voxels, sample_world
 from rrn_lung_registration.transform import RegistrationTransform
-from shared_ops.atomic import atomic_write
 
 __all__ = [
     "OUTPUT_FILES",
@@ -94,7 +93,6 @@ __all__ = [
     "RegistrationSettings",
     "apply_displacement_field",
     "landmark_report",
-    "register_datalist",
     "register_files",
     "write_outputs",
 ]
@@ -638,56 +636,3 @@ def apply_displacement_field(
         )
     write_image(output, values, affine)
     return Path(output)
-
-
-def _pair_name(pair: dict, index: int, taken: set[str]) -> str:
-    """The output folder name of a datalist pair: its ``name``, else its moving file's stem, made unique."""
-    name = str(pair.get("name") or Path(str(pair["moving"])).name.split(".")[0] or f"pair_{index}")
-    unique, suffix = name, 1
-    while unique in taken:
-        suffix += 1
-        unique = f"{name}_{suffix}"
-    taken.add(unique)
-    return unique
-
-
-def register_datalist(
-    pairs: Sequence[dict], output_dir: str | os.PathLike, settings: RegistrationSettings | None = None
-) -> list[dict]:
-    """Register every pair of a datalist (``fixed``, ``moving``, optional ``fixed_landmarks`` /
-    ``moving_landmarks``, optional ``name``) into ``output_dir/<name>/``, as :func:`register_files` does.
-
-    Also writes ``output_dir/summary.csv`` (one row per pair: mean TRE before / after pre-alignment / after,
-    folding in the lungs, seconds) and returns the rows. A pair whose folder already holds a
-    ``registration.json`` is read back instead of registered again, so an interrupted run resumes (a folder
-    without it holds at most an interrupted set, which is replaced).
-    """
-    output_dir = Path(output_dir)
-    rows, taken = [], set()
-    for index, pair in enumerate(pairs):
-        name = _pair_name(pair, index, taken)
-        folder = output_dir / name
-        report = folder / "registration.json"
-        if report.is_file():
-            summary = json.loads(report.read_text())
-        else:
-            summary = register_files(
-                pair["fixed"], pair["moving"], folder, pair.get("fixed_landmarks"), pair.get("moving_landmarks"),
-                settings, overwrite=True,
-            )  # fmt: skip
-        tre = summary.get("tre_mm", {})
-        rows.append(
-            {
-                "pair": name,
-                "tre_before_mm": tre.get("before", {}).get("mean"),
-                "tre_prealign_mm": tre.get("prealign", {}).get("mean"),
-                "tre_after_mm": tre.get("after", {}).get("mean"),
-                "tre_after_snapped_mm": tre.get("after_snapped", {}).get("mean"),
-                "folding_percent_in_lungs": summary["jacobian"]["folding_percent_in_lungs"],
-                "seconds": round(sum(summary["timings_s"].values()), 1),
-            }
-        )
-    header = list(rows[0]) if rows else ["pair"]
-    table = [[row[key] if row[key] is not None else "" for key in header] for row in rows]
-    atomic_write(output_dir / "summary.csv", lambda tmp: _write_csv(tmp, header, table))
-    return rows

@@ -16,7 +16,6 @@ from pathlib import Path
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_mode", "temporary_sibling"]
 
 
-
 def file_mode() -> int:
     """Permissions of a new ordinary file under the process's umask (``0o666 & ~umask``, 0o644 under umask 022).
 

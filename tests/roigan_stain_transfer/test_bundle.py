@@ -115,7 +115,7 @@ def test_presets_build_the_documented_models(bundle_root, preset, use_roi, patch
     assert "roi_d_x" in trainer.checkpoint_objects() if use_roi else "roi_d_x" not in trainer.checkpoint_objects()
     if preset == "released_code":
         assert trainer.g_xy.upsampling == "resize" and trainer.state.max_epochs == 25
-        assert trainer.g_scheduler.lr_lambdas[0].decay_start == 12
+        assert trainer.g_scheduler.lr_lambdas[0].decay_start == 13  # factor 1 up to epoch 12 (0-based)
         assert (trainer.lambda_roi, trainer.lambda_cyc, trainer.lambda_id) == (1.0, 30.0, 5.0)
 
 
@@ -130,7 +130,7 @@ def test_training_saves_resumable_checkpoints_and_the_generator(trained, bundle_
     assert {"model.pt", "checkpoint_iteration=7.pt", "checkpoint_iteration=8.pt"} <= names
     checkpoint = torch.load(models / "checkpoint_iteration=8.pt", weights_only=True)
     expected = {"g_xy", "g_yx", "d_x", "d_y", "roi_d_x", "roi_d_y", "g_optimizer", "d_optimizer"}
-    expected |= {"g_scheduler", "d_scheduler", "buffer_x", "buffer_y", "trainer"}
+    expected |= {"g_scheduler", "d_scheduler", "buffer_x", "buffer_y", "trainer", "settings"}
     assert set(checkpoint) == expected and checkpoint["trainer"]["iteration"] == 8
     generator = torch.load(models / "model.pt", weights_only=True)
     assert set(generator) == set(checkpoint["g_xy"])

@@ -78,7 +78,8 @@ def test_training_saves_checkpoints_and_reports_tre(trained, bundle_root):
     models = bundle_root / "models"
     assert {"model.pt", "model_final.pt", "checkpoint_iteration=4.pt"} <= {p.name for p in models.iterdir()}
     final = torch.load(models / "model_final.pt", weights_only=True)
-    assert set(final) == {"network", "optimizer", "trainer"} and final["trainer"]["iteration"] == 4
+    assert set(final) == {"network", "optimizer", "trainer", "best_model", "settings"}
+    assert final["trainer"]["iteration"] == 4
     best = torch.load(models / "model.pt", weights_only=True)
     assert set(best) == set(final["network"])
     assert "val_mean_tre" in trained.stdout + trained.stderr
