@@ -190,7 +190,7 @@ def stain_demo(iterations: int, batch_size: int = 4, test_tiles: int = 6) -> dic
     start = time.perf_counter()
     _stain_bundle(
         ["train"], root,
-        "--batch_size", str(batch_size), "--max_epochs", "1", "--train#trainer#epoch_length", str(iterations),
+        "--batch_size", str(batch_size), "--max_epochs", "1", "--epoch_length", str(iterations),
         "--save_interval", str(iterations),
     )  # fmt: skip
     print(

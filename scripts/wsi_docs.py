@@ -64,7 +64,7 @@ def train_generator(work: Path, iterations: int) -> Path:
         "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
         "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
         "--bundle_root", str(work), "--num_workers", "0", "--batch_size", "4", "--max_epochs", "1",
-        "--train#trainer#epoch_length", str(iterations), "--save_interval", str(iterations), *overrides,
+        "--epoch_length", str(iterations), "--save_interval", str(iterations), *overrides,
     ]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
