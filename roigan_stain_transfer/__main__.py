@@ -37,7 +37,7 @@ def infer_slide(
     overlap: int = 32,
     batch_size: int = 8,
     num_workers: int = 2,
-    normalization: str = "dense",
+    normalization: str = "kernel",
     stats_stride: int = 2,
     min_tissue: float = 0.01,
     background: str = "white",
@@ -63,7 +63,7 @@ def infer_slide(
         slide_mpp: the slide's level-0 um/px, for slides whose metadata lacks it.
         tile_size, overlap: tile side and overlap, px.
         batch_size, num_workers: tiles per generator call; DataLoader processes reading ahead.
-        normalization: "dense", "kernel" (slide-consistent instance norm) or "tile" (per tile, as trained).
+        normalization: "kernel" or "dense" (slide-consistent instance norm) or "tile" (per tile, as trained).
         stats_stride: slide statistics from every n-th tile row and column.
         min_tissue: tiles with less tissue than this fraction stay white (0 runs every tile).
         background: "white" (glass in translated tiles made white) or "generator" (output as it is).

@@ -4,14 +4,14 @@
    (H&E tiles of the sample slide, IHC tiles of scikit-image; ``--iterations`` iterations of narrow networks: a
    colour mapping, not a validated virtual stain).
 2. Whole-slide inference of the sample slide with per-tile instance normalisation ("tile") and with
-   slide-consistent dense normalisation ("dense"), each without overlap (raw tile borders) and with the default
-   32 px overlap blending.
+   slide-consistent normalisation ("kernel", "dense"), each without overlap (raw tile borders) and with the
+   default 32 px overlap blending.
 3. The colour step across tile borders against the step across lines through tile centres
    (:func:`roigan_stain_transfer.wsi.stitching.seam_step`) for the four runs ->
    ``bench/results/wsi_seams.{json,md}``.
 4. ``bundles/roigan_stain_transfer/docs/images/wsi_sample.jpg``: H&E | virtual IHC (tile, no overlap) | virtual
-   IHC (dense, overlap) | virtual DAB heat map with the DAB-positive regions; below, one tile corner at full
-   resolution: per-tile statistics and dense statistics without overlap, and dense with the default overlap.
+   IHC (kernel, overlap: the default) | virtual DAB heat map with the DAB-positive regions; below, one tile corner
+   at full resolution: per-tile statistics without and with overlap blending, and kernel with overlap.
 
 Usage: ``python scripts/wsi_docs.py [--weights model.pt --generator-blocks 9 --generator-channels 64]``.
 """
@@ -48,7 +48,7 @@ from shared_ops.atomic import atomic_write, atomic_write_text  # noqa: E402
 
 BUNDLE = REPO / "bundles" / "roigan_stain_transfer"
 NETWORKS = {"generator_channels": 16, "generator_blocks": 3, "patch_channels": [16, 32, 64, 64, 64]}
-RUNS = (("tile", 0), ("tile", 32), ("dense", 0), ("dense", 32))
+RUNS = (("tile", 0), ("tile", 32), ("kernel", 0), ("kernel", 32), ("dense", 0), ("dense", 32))
 
 
 def train_generator(work: Path, iterations: int) -> Path:
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     atomic_write_text(args.results / "wsi_seams.md", "\n".join(lines))
 
-    dense = summaries[("dense", 32)]
-    paths = output_paths(dense["outputs"]["slide"])
+    default = summaries[("kernel", 32)]
+    paths = output_paths(default["outputs"]["slide"])
     thumbnail = np.asarray(Image.open(paths["thumbnail"]).convert("RGB"))
     he = thumbnail[:, : (thumbnail.shape[1] - 8) // 2]
     overview_shape = he.shape[:2]
@@ -189,18 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         [
             _label(he, "H&E"),
             _label(small(images[("tile", 0)]), "virtual IHC: per-tile norm, no overlap"),
-            _label(small(images[("dense", 32)]), "virtual IHC: dense norm, 32 px overlap (default)"),
+            _label(small(images[("kernel", 32)]), "virtual IHC: kernel norm, 32 px overlap (default)"),
             _label(heat, "virtual DAB + regions"),
         ]
     )
     grid = TileGrid.over(images[("tile", 0)].shape[:2], 256, 0)
     r, c = _junction(grid, images[("tile", 0)])
-    crops = {key: images[key][r : r + 448, c : c + 448] for key in (("tile", 0), ("dense", 0), ("dense", 32))}
+    crops = {key: images[key][r : r + 448, c : c + 448] for key in (("tile", 0), ("tile", 32), ("kernel", 32))}
     bottom = _row(
         [
             _label(crops[("tile", 0)], "a tile corner: per-tile norm, no overlap"),
-            _label(crops[("dense", 0)], "dense norm, no overlap"),
-            _label(crops[("dense", 32)], "dense norm, 32 px overlap"),
+            _label(crops[("tile", 32)], "per-tile norm, 32 px overlap"),
+            _label(crops[("kernel", 32)], "kernel norm, 32 px overlap"),
         ]
     )
     picture = _stack([top, bottom])
