@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import subprocess
 import sys
 
@@ -67,10 +68,16 @@ def test_unknown_options_and_missing_weights_fail_before_any_work(cmu_slide, tmp
     assert "unknown command" in check_options(["infer-slides"])
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_torchrun_splits_slides_across_processes(slide_folder, weights, tmp_path):
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         "-m", "roigan_stain_transfer", "infer-slide", "--input", str(slide_folder), "--output", str(out),
         "--weights", weights, "--tile_size", "128", "--normalization", "dense", *TINY,
     ]  # fmt: skip
