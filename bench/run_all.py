@@ -5,7 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.shared_ops_bench", "bench.roigan_bench", "bench.rrn_bench", "bench.registration_bench"]
+BENCHMARKS = [
+    "bench.shared_ops_bench",
+    "bench.roigan_bench",
+    "bench.rrn_bench",
+    "bench.registration_bench",
+    "bench.wsi_bench",
+]
 
 
 def main() -> int:

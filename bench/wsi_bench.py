@@ -15,8 +15,8 @@ falls on neighbouring cases alike; the load average is recorded with every case)
 
 (a) pure compute: the generator alone over the tissue tiles ``infer_slide`` translates (same selection, read
     into memory once beforehand through ``tile_dataset``), in batches of the same size (8), under the same
-    autocast as (c); one warm-up batch, then one timed pass. The autocast pass runs twice, before and after the
-    (c) autocast runs, and their mean is the reference; also in float32.
+    autocast as (c); one warm-up batch, then one timed pass. A pass runs just before and just after every (c)
+    run of the same precision (autocast and float32), and each (c)/(a) ratio uses those two.
 (b) naive loop: for every position of the plain (non-overlapping) 256 px grid, no tissue mask, OpenSlide
     ``read_region`` of one tile at level 0, the generator on it alone (batch 1, float32, no autocast) and the
     result written into a ``tifffile.memmap`` (an uncompressed TIFF); what a first script would do. It runs on
@@ -70,7 +70,10 @@ BATCH = 8  # SlideInferenceSettings().batch_size; checked in main()
 #: The synthetic slide's discs ``(centre row, centre col, radius)`` as fractions of its side (the 20,480 px
 #: slide of tests/roigan_stain_transfer/wsi/test_inference.py: discs at (4000, 5000), (12000, 15000),
 #: (17000, 4000) px with radii 1400, 2000, 900 px; about 5 % of the slide).
-DISCS = tuple((r / 20480, c / 20480, radius / 20480) for r, c, radius in ((4000, 5000, 1400), (12000, 15000, 2000), (17000, 4000, 900)))
+DISCS = tuple(
+    (r / 20480, c / 20480, radius / 20480)
+    for r, c, radius in ((4000, 5000, 1400), (12000, 15000, 2000), (17000, 4000, 900))
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,6 +142,18 @@ def build_generator(quick: bool) -> torch.nn.Module:
     return ResnetGenerator().eval()
 
 
+def source_fingerprint() -> str:
+    """Short sha256 of the code measured (``roigan_stain_transfer/wsi/*.py`` and ``networks.py``): the results
+    record which version of a package under active development each case ran."""
+    import hashlib
+
+    package = REPO_ROOT / "roigan_stain_transfer"
+    digest = hashlib.sha256()
+    for path in sorted([*(package / "wsi").glob("*.py"), package / "networks.py"]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _rss_now_mb() -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -170,6 +185,7 @@ def end_to_end_worker(slide: str, workdir: str, normalization: str, amp: str, id
     """``infer_slide`` with the default settings but ``normalization`` / ``amp``, in this fresh process."""
     from roigan_stain_transfer.wsi.inference import SlideInferenceSettings, infer_slide
 
+    source = source_fingerprint()
     generator = torch.nn.Identity() if identity else build_generator(quick)
     settings = SlideInferenceSettings(normalization=normalization, amp=amp, progress=False)
     start_rss, start_peak = _rss_now_mb(), _peak_rss_mb()
@@ -189,10 +205,13 @@ def end_to_end_worker(slide: str, workdir: str, normalization: str, amp: str, id
         "cpu_s_main": _cpu_seconds(resource.RUSAGE_SELF) - cpu_self,
         "cpu_s_workers": _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_children,
         "torch_threads": torch.get_num_threads(),
+        "source": source,
     }
 
 
-def end_to_end(slide: Path, workdir: Path, normalization: str, amp: str, device: torch.device, quick: bool, identity=False):
+def end_to_end(
+    slide: Path, workdir: Path, normalization: str, amp: str, device: torch.device, quick: bool, identity=False
+):
     args = ["--worker", "end2end", "--slide", str(slide), "--workdir", str(workdir), "--device", str(device)]
     args += ["--normalization", normalization, "--amp", amp] + (["--identity"] if identity else [])
     args += ["--quick"] if quick else []
@@ -204,6 +223,7 @@ def end_to_end(slide: Path, workdir: Path, normalization: str, amp: str, device:
     got["seconds_per_slide"] = got["seconds"]["total"]
     got["tiles_per_second_slide"] = translated / got["seconds"]["total"]
     got["cpu_s_per_tile"] = (got["cpu_s_main"] + got["cpu_s_workers"]) / max(1, translated)
+    got["cpu_share"] = (got["cpu_s_main"] + got["cpu_s_workers"]) / (got["seconds"]["total"] * (os.cpu_count() or 1))
     for path in workdir.glob(f"{slide.stem}_*"):
         path.unlink()
     return got
@@ -262,16 +282,20 @@ def pure_compute(generator: torch.nn.Module, batches: list[torch.Tensor], device
     load = _load()
     run(batches[0])
     synchronize(device)
+    cpu = _cpu_seconds(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for batch in batches:
         run(batch)
     synchronize(device)
     seconds = time.perf_counter() - start
+    cpu = _cpu_seconds(resource.RUSAGE_SELF) - cpu
     tiles = sum(len(b) for b in batches)
     return {
         "seconds": seconds,
         "tiles": tiles,
         "tiles_per_second": tiles / seconds,
+        "cpu_s_per_tile": cpu / tiles,
+        "cpu_share": cpu / (seconds * (os.cpu_count() or 1)),
         "precision": str(dtype).replace("torch.", "") if dtype is not None else "float32",
         "load_before": load,
         "load_after": _load(),
@@ -294,16 +318,18 @@ def naive_loop(slide_path: Path, generator: torch.nn.Module, device: torch.devic
     positions = [(r, c) for r in range(0, height, TILE) for c in range(0, width, TILE)]
     run = positions if limit <= 0 else positions[:limit]
     setup_s = time.perf_counter() - start
+    cpu = _cpu_seconds(resource.RUSAGE_SELF)
     start = time.perf_counter()
     with torch.no_grad():
         for r, c in run:
-            tile = np.asarray(slide.read_region((c, r), 0, (TILE, TILE)).convert("RGB"))
+            tile = np.array(slide.read_region((c, r), 0, (TILE, TILE)).convert("RGB"))
             x = torch.from_numpy(tile).permute(2, 0, 1)[None].to(device, torch.float32) / 127.5 - 1.0
             y = generator(x)
             pixels = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
             h, w = min(TILE, height - r), min(TILE, width - c)
             out[r : r + h, c : c + w] = pixels[:h, :w]
     tiles_s = time.perf_counter() - start
+    cpu = _cpu_seconds(resource.RUSAGE_SELF) - cpu
     start = time.perf_counter()
     out.flush()
     del out
@@ -321,6 +347,8 @@ def naive_loop(slide_path: Path, generator: torch.nn.Module, device: torch.devic
         "seconds_per_tile": per_tile,
         "tiles_per_second": 1 / per_tile,
         "fixed_seconds": setup_s,
+        "cpu_s_per_tile": cpu / len(run),
+        "cpu_share": cpu / (tiles_s * (os.cpu_count() or 1)),
         "precision": "float32",
         "load_before": load,
         "load_after": _load(),
@@ -330,6 +358,20 @@ def naive_loop(slide_path: Path, generator: torch.nn.Module, device: torch.devic
 # ----------------------------------------------------------------------------------------------------------------
 # One slide, all cases
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _mean_passes(passes: list[dict]) -> dict:
+    """One (a) row from several timed passes over the same tiles: mean seconds and CPU figures."""
+    seconds = sum(p["seconds"] for p in passes) / len(passes)
+    return {
+        **passes[0],
+        "seconds": seconds,
+        "tiles_per_second": passes[0]["tiles"] / seconds,
+        "passes_seconds": [p["seconds"] for p in passes],
+        "cpu_s_per_tile": sum(p["cpu_s_per_tile"] for p in passes) / len(passes),
+        "cpu_share": sum(p["cpu_share"] for p in passes) / len(passes),
+        "load_after": passes[-1]["load_after"],
+    }
 
 
 def bench_slide(
@@ -347,44 +389,55 @@ def bench_slide(
     print(f"== {name}: {info['tissue_tiles']} of {info['grid_tiles']} tiles in tissue", flush=True)
     cases: dict[str, dict] = {}
     auto = str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32"
-    first = done(f"a_pure_{auto} (1)", pure_compute(generator, batches, device, amp_dtype))
-    cases["c_tile_" + auto] = done(f"c_tile_{auto}", end_to_end(path, workdir, "tile", "auto", device, quick))
-    cases["c_dense_" + auto] = done(f"c_dense_{auto}", end_to_end(path, workdir, "dense", "auto", device, quick))
-    second = done(f"a_pure_{auto} (2)", pure_compute(generator, batches, device, amp_dtype))
-    seconds = (first["seconds"] + second["seconds"]) / 2
-    cases["a_pure_" + auto] = {
-        **first,
-        "seconds": seconds,
-        "tiles_per_second": first["tiles"] / seconds,
-        "passes_seconds": [first["seconds"], second["seconds"]],
-        "load_after": second["load_after"],
-    }
-    cases["d_identity"] = done("d_identity", end_to_end(path, workdir, "tile", "auto", device, quick, identity=True))
+
+    def pure(label: str, dtype) -> dict:
+        return done(label, pure_compute(generator, batches, device, dtype))
+
+    def e2e(label: str, normalization: str, amp: str, identity: bool = False) -> dict:
+        return done(label, end_to_end(path, workdir, normalization, amp, device, quick, identity))
+
+    # every (c) run between two (a) passes of the same precision: its reference is their mean
+    passes = [pure(f"a_pure_{auto} (1)", amp_dtype)]
+    cases["c_tile_" + auto] = e2e(f"c_tile_{auto}", "tile", "auto")
+    passes.append(pure(f"a_pure_{auto} (2)", amp_dtype))
+    cases["c_dense_" + auto] = e2e(f"c_dense_{auto}", "dense", "auto")
+    passes.append(pure(f"a_pure_{auto} (3)", amp_dtype))
+    cases["a_pure_" + auto] = _mean_passes(passes)
+    cases["d_identity"] = e2e("d_identity", "tile", "auto", identity=True)
     cases["b_naive"] = done("b_naive", naive_loop(path, generator, device, workdir, naive_tiles))
     if amp_dtype is not None:
-        cases["a_pure_float32"] = done("a_pure_float32", pure_compute(generator, batches, device, None))
-        cases["c_tile_float32"] = done("c_tile_float32", end_to_end(path, workdir, "tile", "none", device, quick))
+        passes32 = [pure("a_pure_float32 (1)", None)]
+        cases["c_tile_float32"] = e2e("c_tile_float32", "tile", "none")
+        passes32.append(pure("a_pure_float32 (2)", None))
+        cases["a_pure_float32"] = _mean_passes(passes32)
     for case in cases.values():
-        if "tiles" in case and isinstance(case["tiles"], dict):
-            if case["tiles"]["translated"] not in (info["tissue_tiles"], info["grid_tiles"]):
-                raise RuntimeError(f"{name}: infer_slide translated {case['tiles']} but (a) ran {info['tissue_tiles']}")
+        if isinstance(case.get("tiles"), dict) and case["tiles"]["translated"] != info["tissue_tiles"]:
+            raise RuntimeError(f"{name}: infer_slide translated {case['tiles']} but (a) ran {info['tissue_tiles']}")
 
     order = ["a_pure_" + auto, "a_pure_float32", "b_naive", "c_tile_" + auto, "c_dense_" + auto, "c_tile_float32"]
     cases = {key: cases[key] for key in [*order, "d_identity"] if key in cases}
     a, c_tile, c_dense = cases["a_pure_" + auto], cases["c_tile_" + auto], cases["c_dense_" + auto]
+
+    def neighbours(p: list[dict], i: int) -> float:
+        """Tiles/s of the mean of (a) passes i and i + 1 (the ones run just before and after a (c) run)."""
+        return p[i]["tiles"] * 2 / (p[i]["seconds"] + p[i + 1]["seconds"])
+
     ratios = {
-        "c_tile_over_a": c_tile["tiles_per_second"] / a["tiles_per_second"],
-        "c_dense_over_a": c_dense["tiles_per_second"] / a["tiles_per_second"],
-        "c_dense_slide_over_a": c_dense["tiles_per_second_slide"] / a["tiles_per_second"],
+        "c_tile_over_a": c_tile["tiles_per_second"] / neighbours(passes, 0),
+        "c_dense_over_a": c_dense["tiles_per_second"] / neighbours(passes, 1),
+        "c_dense_slide_over_a": c_dense["tiles_per_second_slide"] / neighbours(passes, 1),
+        "c_tile_over_a_cpu": a["cpu_s_per_tile"] / c_tile["cpu_s_per_tile"],
+        "c_dense_over_a_cpu": a["cpu_s_per_tile"] / c_dense["cpu_s_per_tile"],
         "naive_over_c_tile_seconds": cases["b_naive"]["seconds"] / c_tile["seconds_per_slide"],
         "naive_over_c_dense_seconds": cases["b_naive"]["seconds"] / c_dense["seconds_per_slide"],
     }
     if amp_dtype is not None:
-        ratios["c_tile_float32_over_a_float32"] = (
-            cases["c_tile_float32"]["tiles_per_second"] / cases["a_pure_float32"]["tiles_per_second"]
-        )
-        ratios["bf16_gain_pure"] = a["tiles_per_second"] / cases["a_pure_float32"]["tiles_per_second"]
-        ratios["bf16_gain_end_to_end"] = c_tile["tiles_per_second"] / cases["c_tile_float32"]["tiles_per_second"]
+        a32, c32 = cases["a_pure_float32"], cases["c_tile_float32"]
+        ratios["c_tile_float32_over_a_float32"] = c32["tiles_per_second"] / neighbours(passes32, 0)
+        ratios["c_tile_float32_over_a_float32_cpu"] = a32["cpu_s_per_tile"] / c32["cpu_s_per_tile"]
+        ratios["bf16_gain_pure"] = a["tiles_per_second"] / a32["tiles_per_second"]
+        ratios["bf16_gain_pure_cpu"] = a32["cpu_s_per_tile"] / a["cpu_s_per_tile"]
+        ratios["bf16_gain_end_to_end"] = c_tile["tiles_per_second"] / c32["tiles_per_second"]
     return {"slide": str(path), **info, "cases": cases, "ratios": ratios}
 
 
@@ -446,9 +499,11 @@ def table_rows(slides: dict) -> list[list[str]]:
                 tiles = case["tiles"]["translated"]
                 seconds = case["seconds_per_slide"]
                 stages = _stages(case["seconds"])
-                rss = f"{case['rss_peak_mb']:.0f} (start {case['rss_before_mb']:.0f}) / {case['workers_peak_rss_mb']:.0f}"
+                rss = (
+                    f"{case['rss_peak_mb']:.0f} (start {case['rss_before_mb']:.0f}) / {case['workers_peak_rss_mb']:.0f}"
+                )
                 slide_tps = case["tiles_per_second_slide"]
-                note = f"{case['cpu_s_per_tile']:.3g} CPU s/tile (main + workers); load {case['load_before']}-{case['load_after']}"
+                note = f"load {case['load_before']}-{case['load_after']}"
             elif key.startswith("b_"):
                 tiles = case["tiles"]
                 seconds = case["seconds"]
@@ -467,11 +522,15 @@ def table_rows(slides: dict) -> list[list[str]]:
                 stages = ""
                 rss = ""
                 slide_tps = None
-                note = "generator only" + (
-                    f"; mean of 2 passes ({', '.join(f'{s:.3g}' for s in case['passes_seconds'])} s)"
-                    if "passes_seconds" in case
-                    else ""
-                ) + f"; load {case['load_before']}-{case['load_after']}"
+                note = (
+                    "generator only"
+                    + (
+                        f"; mean of 2 passes ({', '.join(f'{s:.3g}' for s in case['passes_seconds'])} s)"
+                        if "passes_seconds" in case
+                        else ""
+                    )
+                    + f"; load {case['load_before']}-{case['load_after']}"
+                )
             label = CASE_LABELS.get(kind, kind)
             rows.append(
                 [
@@ -482,6 +541,8 @@ def table_rows(slides: dict) -> list[list[str]]:
                     _fmt(float(seconds)) + (" (extrapolated)" if case.get("extrapolated") else ""),
                     _fmt(float(case["tiles_per_second"])) if case.get("tiles_per_second") else "",
                     _fmt(slide_tps) if slide_tps else "",
+                    _fmt(float(case["cpu_s_per_tile"])),
+                    f"{100 * case['cpu_share']:.0f} %",
                     stages,
                     rss,
                     note,
@@ -501,8 +562,8 @@ def markdown(payload: dict) -> str:
         payload["setup"],
         "",
         "| slide | case | precision | tiles | s per slide | tiles/s (translate stage) | tiles/s (whole slide) "
-        "| stage s | peak RSS MiB: main (start) / largest worker | notes |",
-        "|" + "---|" * 10,
+        "| CPU s per tile | CPU share | stage s | peak RSS MiB: main (start) / largest worker | notes |",
+        "|" + "---|" * 12,
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(payload["slides"])]
     lines += ["", "## Ratios", "", "| slide | ratio | value | target |", "|---|---|---|---|"]
@@ -510,17 +571,25 @@ def markdown(payload: dict) -> str:
         "c_tile_over_a": ">= 0.8 (CPU)",
         "c_dense_over_a": ">= 0.8 (CPU)",
         "c_dense_slide_over_a": "",
+        "c_tile_over_a_cpu": ">= 0.8 (CPU)",
+        "c_dense_over_a_cpu": ">= 0.8 (CPU)",
         "c_tile_float32_over_a_float32": "",
+        "c_tile_float32_over_a_float32_cpu": "",
+        "bf16_gain_pure_cpu": "",
         "naive_over_c_tile_seconds": ">= 3 (GPU)",
         "naive_over_c_dense_seconds": ">= 3 (GPU)",
         "bf16_gain_pure": "",
         "bf16_gain_end_to_end": "",
     }
     explain = {
-        "c_tile_over_a": "(c) tile / (a), tiles/s (translate stage)",
-        "c_dense_over_a": "(c) dense / (a), tiles/s (translate stage)",
+        "c_tile_over_a": "(c) tile / (a), tiles/s (translate stage; (a) passes just before and after)",
+        "c_dense_over_a": "(c) dense / (a), tiles/s (translate stage; (a) passes just before and after)",
         "c_dense_slide_over_a": "(c) dense / (a), tiles/s over the whole slide (statistics pass included)",
+        "c_tile_over_a_cpu": "(c) tile / (a) by CPU s per tile (contention-robust estimate, see notes)",
+        "c_dense_over_a_cpu": "(c) dense / (a) by CPU s per tile (whole run, statistics pass included)",
         "c_tile_float32_over_a_float32": "(c) tile / (a), both float32",
+        "c_tile_float32_over_a_float32_cpu": "(c) tile / (a), both float32, by CPU s per tile",
+        "bf16_gain_pure_cpu": "bf16 / float32, (a) by CPU s per tile",
         "naive_over_c_tile_seconds": "(b) / (c) tile, seconds per slide",
         "naive_over_c_dense_seconds": "(b) / (c) dense, seconds per slide",
         "bf16_gain_pure": "bf16 / float32, (a) tiles/s",
@@ -581,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     large = args.large_size or (4096 if args.quick else 12288 if cpu else 20480)
     naive_tiles = args.naive_tiles if args.naive_tiles is not None else (4 if args.quick else 48 if cpu else 0)
     amp_dtype = autocast_dtype(device, "auto")
+    source_start = source_fingerprint()
     generator = build_generator(args.quick)
     notes: list[str] = []
     started = time.perf_counter()
@@ -601,9 +671,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, path in paths:
             slides[name] = bench_slide(name, path, generator, device, amp_dtype, workdir, naive_tiles, args.quick)
     total_s = time.perf_counter() - started
+    sources = {source_start, source_fingerprint()}
+    sources |= {case["source"] for result in slides.values() for case in result["cases"].values() if "source" in case}
 
     m = machine(device)
-    generator_desc = "ResnetGenerator(base_channels=8, num_blocks=1)" if args.quick else "ResnetGenerator() (9 blocks, 64 channels)"
+    generator_desc = (
+        "ResnetGenerator(base_channels=8, num_blocks=1)" if args.quick else "ResnetGenerator() (9 blocks, 64 channels)"
+    )
     setup = (
         f"Generator: {generator_desc}, random weights (init_std default, torch.manual_seed(0)), eval mode. "
         f"Tiles {TILE} px, overlap 32, batch {BATCH}; autocast 'auto' = "
@@ -613,8 +687,9 @@ def main(argv: list[str] | None = None) -> None:
         + (" QUICK smoke configuration: not a measurement." if args.quick else "")
     )
     notes += [
-        "Cases run per slide in this order: (a) autocast pass 1, (c) tile, (c) dense, (a) autocast pass 2, (d), (b), "
-        "(a) float32, (c) tile float32; the (a) autocast row is the mean of its two passes. 'load' is the 1-minute "
+        "Cases run per slide in this order: (a) pass 1, (c) tile, (a) pass 2, (c) dense, (a) pass 3, (d), (b), "
+        "(a) float32 pass 1, (c) tile float32, (a) float32 pass 2. Each (a) row is the mean of its passes; each "
+        "(c)/(a) wall-time ratio uses the two passes run just before and after that (c) run. 'load' is the 1-minute "
         "load average before and after each case (other jobs share this machine; above the core count means "
         "contention).",
         "(a): the generator alone over exactly the tiles infer_slide translates (tissue mask, min_tissue 0.01), read "
@@ -631,11 +706,29 @@ def main(argv: list[str] | None = None) -> None:
         "shared pages; not added to the main figure).",
         "(d): infer_slide with torch.nn.Identity: the reading, blending, encoding and writing alone; its CPU s/tile "
         "(main + workers) is what competes with the generator for the cores in (c).",
+        "CPU s per tile: CPU time (user + system) of the case over its tiles: for (a) and (b) this process during "
+        "the timed loop, for (c) and (d) the worker process and its DataLoader workers over the whole run. CPU share: "
+        "that CPU time over wall time x cores; well under 100 % for (a) means other jobs took the cores (oneDNN's "
+        "threads spin while waiting, so it is ~100 % on an idle machine). The '(c)/(a) by CPU s per tile' ratios "
+        "divide (a)'s CPU s per tile by (c)'s (main + workers, whole run): what (c)/(a) would be on an idle machine "
+        "if the generator kept every core busy and the pipeline's own CPU work were the only loss; unlike the "
+        "wall-time ratios they hardly move when other jobs take cores.",
     ]
+    if len(sources) == 1:
+        notes.append(
+            f"Code measured: roigan_stain_transfer/wsi/*.py + networks.py with sha256 prefix {source_start}, the same "
+            "for every case."
+        )
+    else:
+        notes.append(
+            f"WARNING: the measured code changed during the run (sha256 prefixes {sorted(sources)}; this process "
+            f"loaded {source_start}); each (c)/(d) case's own is in the JSON ('source')."
+        )
     if not args.quick and cpu and large != 20480:
         notes.append(
             f"The synthetic slide is {large}^2 rather than 20,480^2 to keep a full CPU run under ~25 minutes "
-            "(at 20,480^2 the float32 cases alone take ~12 minutes); the tissue fraction is the same."
+            "(at 20,480^2, ~540 tissue tiles, the float32 cases alone would take ~15 minutes); the tissue fraction is "
+            "the same."
         )
     payload = {
         **m,
@@ -648,6 +741,8 @@ def main(argv: list[str] | None = None) -> None:
         "slides": slides,
         "memory": memory_ratios(slides),
         "run_seconds": total_s,
+        "source": source_start,
+        "sources_seen": sorted(sources),
         "notes": notes,
     }
     args.out.mkdir(parents=True, exist_ok=True)
