@@ -96,9 +96,12 @@ def check_outputs(paths: dict[str, Path], overwrite: bool, remove_stale: bool = 
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"{folder}: the output folder is not writable")
     if remove_stale:
-        random_part = "?" * 8  # tempfile's random names: 8 characters
-        for stale in folder.glob(f".{paths['slide'].stem}-{random_part}.partial*"):
-            stale.unlink(missing_ok=True)
+        stem, random_part = paths["slide"].stem, "?" * 8  # tempfile's random names: 8 characters
+        staged = f".{stem}-{random_part}.partial*"  # StagedOutputs' files
+        nested = f"..{stem}-{random_part}-{random_part}.partial.partial*"  # the TIFF writer's, inside a staged name
+        for pattern in (staged, nested):
+            for stale in folder.glob(pattern):
+                stale.unlink(missing_ok=True)
 
 
 class StagedOutputs:

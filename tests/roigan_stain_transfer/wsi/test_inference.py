@@ -175,6 +175,7 @@ def test_interrupted_run_leaves_nothing_under_the_final_names(cmu_slide, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no temporary or spool files either
     # a leftover from a killed process (no chance to clean up) is removed by the next run on the same output
     (tmp_path / ".run-abc12345.partial.tiff").write_bytes(b"half")
+    (tmp_path / "..run-abc12345-xyz98765.partial.partial.tiff.spool").write_bytes(b"spool")
     infer_slide(cmu_slide, out, torch.nn.Identity(), settings)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in output_paths(out).values())
 
