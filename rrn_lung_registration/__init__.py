@@ -44,6 +44,7 @@ from rrn_lung_registration import (
 __all__ = [
     "ct_io",
     "data",
+    "datalist_registration",
     "engines",
     "fields",
     "instance",
