@@ -37,7 +37,7 @@ blending and writing hidden behind compute), (b)/(c) seconds per slide (GPU targ
 slide over the small one (target: independent of slide size), and the bfloat16 gain.
 
 Results go to ``<out>/wsi_<device>.{json,md}`` (default ``bench/results``). A full default CPU run takes about
-15-20 minutes on 2 cores. On a shared machine wrap the run in ``flock /tmp/bench.lock``.
+22 minutes on 2 otherwise idle cores (AVX512-BF16). On a shared machine wrap the run in ``flock /tmp/bench.lock``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "RRN_ROIGAN_DATA"
 CMU = "wsi/CMU-1-Small-Region.svs"
 TILE = 256
-BATCH = 8  # SlideInferenceSettings().batch_size; checked in main()
+BATCH = 8  # tiles per batch in every case, (c) included (infer_slide's own default on CPU is 2)
 #: The synthetic slide's discs ``(centre row, centre col, radius)`` as fractions of its side (the 20,480 px
 #: slide of tests/roigan_stain_transfer/wsi/test_inference.py: discs at (4000, 5000), (12000, 15000),
 #: (17000, 4000) px with radii 1400, 2000, 900 px; about 5 % of the slide).
@@ -187,7 +187,7 @@ def end_to_end_worker(slide: str, workdir: str, normalization: str, amp: str, id
 
     source = source_fingerprint()
     generator = torch.nn.Identity() if identity else build_generator(quick)
-    settings = SlideInferenceSettings(normalization=normalization, amp=amp, progress=False)
+    settings = SlideInferenceSettings(normalization=normalization, amp=amp, batch_size=BATCH, progress=False)
     start_rss, start_peak = _rss_now_mb(), _peak_rss_mb()
     cpu_self, cpu_children = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
     out = Path(workdir) / f"{Path(slide).stem}_{normalization}_{amp}{'_identity' if identity else ''}.tiff"
@@ -522,15 +522,11 @@ def table_rows(slides: dict) -> list[list[str]]:
                 stages = ""
                 rss = ""
                 slide_tps = None
-                note = (
-                    "generator only"
-                    + (
-                        f"; mean of 2 passes ({', '.join(f'{s:.3g}' for s in case['passes_seconds'])} s)"
-                        if "passes_seconds" in case
-                        else ""
-                    )
-                    + f"; load {case['load_before']}-{case['load_after']}"
-                )
+                note = "generator only"
+                if "passes_seconds" in case:
+                    passes = ", ".join(f"{s:.3g}" for s in case["passes_seconds"])
+                    note += f"; mean of {len(case['passes_seconds'])} passes ({passes} s)"
+                note += f"; load {case['load_before']}-{case['load_after']}"
             label = CASE_LABELS.get(kind, kind)
             rows.append(
                 [
@@ -642,10 +638,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
 
-    from roigan_stain_transfer.wsi.inference import SlideInferenceSettings, autocast_dtype
+    from roigan_stain_transfer.wsi.inference import autocast_dtype
 
-    if SlideInferenceSettings().batch_size != BATCH:
-        raise RuntimeError("the default batch size changed; update BATCH")
     cpu = device.type == "cpu"
     large = args.large_size or (4096 if args.quick else 12288 if cpu else 20480)
     naive_tiles = args.naive_tiles if args.naive_tiles is not None else (4 if args.quick else 48 if cpu else 0)
@@ -671,7 +665,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, path in paths:
             slides[name] = bench_slide(name, path, generator, device, amp_dtype, workdir, naive_tiles, args.quick)
     total_s = time.perf_counter() - started
-    sources = {source_start, source_fingerprint()}
+    source_end = source_fingerprint()
+    sources = {source_start}
     sources |= {case["source"] for result in slides.values() for case in result["cases"].values() if "source" in case}
 
     m = machine(device)
@@ -717,7 +712,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(sources) == 1:
         notes.append(
             f"Code measured: roigan_stain_transfer/wsi/*.py + networks.py with sha256 prefix {source_start}, the same "
-            "for every case."
+            "for every case"
+            + (
+                f" (it changed after the last case: {source_end} at the end of the run)."
+                if source_end != source_start
+                else "."
+            )
         )
     else:
         notes.append(
@@ -743,6 +743,7 @@ def main(argv: list[str] | None = None) -> None:
         "run_seconds": total_s,
         "source": source_start,
         "sources_seen": sorted(sources),
+        "source_at_end": source_end,
         "notes": notes,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def infer_slide(
     slide_mpp: float | None = None,
     tile_size: int = 256,
     overlap: int = 32,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     num_workers: int = 2,
     normalization: str = "kernel",
     stats_stride: int = 2,
@@ -62,7 +62,8 @@ def infer_slide(
         mpp: resolution of the tiles and of the output, um/px (0.5 = 20x).
         slide_mpp: the slide's level-0 um/px, for slides whose metadata lacks it.
         tile_size, overlap: tile side and overlap, px.
-        batch_size, num_workers: tiles per generator call; DataLoader processes reading ahead.
+        batch_size, num_workers: tiles per generator call (default 2 on CPU, 8 on CUDA); DataLoader processes
+            reading ahead.
         normalization: "kernel" or "dense" (slide-consistent instance norm) or "tile" (per tile, as trained).
         stats_stride: slide statistics from every n-th tile row and column.
         min_tissue: tiles with less tissue than this fraction stay white (0 runs every tile).

@@ -102,7 +102,8 @@ class SlideInferenceSettings:
         slide_mpp: the slide's level-0 resolution when its metadata lacks it (else None: read from the slide).
         tile_size: tile side, px (a multiple of 4).
         overlap: px shared by neighbouring tiles, blended linearly.
-        batch_size: tiles per generator call.
+        batch_size: tiles per generator call; None: 2 on CPU (faster per tile than 8 there, and a smaller
+            peak: ``bench/results/wsi_cpu.md``), 8 on CUDA.
         num_workers: ``DataLoader`` processes reading tiles ahead (0: read in the main process).
         normalization: ``"kernel"`` (default: slide statistics, smoothed over neighbouring tiles, one set per
             tile), ``"dense"`` (the same interpolated at every pixel; costs a multiply-add per feature on CPU) or
@@ -127,7 +128,7 @@ class SlideInferenceSettings:
     slide_mpp: float | None = None
     tile_size: int = 256
     overlap: int = 32
-    batch_size: int = 8
+    batch_size: int | None = None
     num_workers: int = 2
     normalization: str = "kernel"
     stats_stride: int = 2
@@ -148,7 +149,11 @@ class SlideInferenceSettings:
             raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if int(self.batch_size) < 1 or int(self.num_workers) < 0 or int(self.stats_stride) < 1:
+        if (
+            (self.batch_size is not None and int(self.batch_size) < 1)
+            or int(self.num_workers) < 0
+            or int(self.stats_stride) < 1
+        ):
             raise ValueError("batch_size and stats_stride must be >= 1 and num_workers >= 0")
         if not 0.0 <= float(self.min_tissue) <= 1.0:
             raise ValueError(f"min_tissue must lie in [0, 1], got {self.min_tissue}")
@@ -287,6 +292,7 @@ class TileRunner:
         self.plan, self.settings, self.device = plan, settings, device
         self.generator = generator.to(device).eval()
         self.amp_dtype = autocast_dtype(device, settings.amp)
+        self.batch_size = int(settings.batch_size or (8 if device.type == "cuda" else 2))
         self.norm: SlideNormalization | None = None
         if settings.normalization != "tile" and len(plan.selected):
             self.generator = copy.deepcopy(self.generator)
@@ -303,10 +309,10 @@ class TileRunner:
             )
 
     def _loader(self, indices: Sequence[int]) -> DataLoader:
-        workers = int(self.settings.num_workers) if len(indices) > self.settings.batch_size else 0
+        workers = int(self.settings.num_workers) if len(indices) > self.batch_size else 0
         return DataLoader(
             tile_dataset(self.plan.slide, self.plan.grid, indices),
-            batch_size=int(self.settings.batch_size),
+            batch_size=self.batch_size,
             shuffle=False,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
@@ -462,6 +468,7 @@ def infer_slide(
                 "translated": int(len(plan.selected)),
                 "tile_size": plan.grid.tile_size,
                 "overlap": plan.grid.overlap,
+                "batch_size": runner.batch_size,
             },
             "tissue_fraction": float(plan.tissue.mean()),
             "normalization": settings.normalization,
