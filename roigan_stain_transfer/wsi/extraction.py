@@ -23,7 +23,6 @@ and exclusion regions (CAMELYON16 group ``_2``) removed (:mod:`.annotations`).
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import shutil
@@ -36,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from roigan_stain_transfer.wsi import annotations as ann
+from roigan_stain_transfer.wsi.outputs import csv_text
 from roigan_stain_transfer.wsi.slide import open_slide
 from roigan_stain_transfer.wsi.tiling import TileGrid, tile_dataset, tissue_fractions
 from roigan_stain_transfer.wsi.tissue import overview_factor, read_overview, tissue_mask
@@ -250,11 +250,7 @@ def extract_training_tiles(
     except BaseException:
         sink.abort()
         raise
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(_FIELDS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(paths["index"], buffer.getvalue())
+    atomic_write_text(paths["index"], csv_text(rows, _FIELDS))
 
     result: dict[str, Any] = {"tiles": len(rows), "per_slide": per_slide, "index": str(paths["index"])}
     result["source"] = str(paths["h5"] if format == "hdf5" else paths["tiles"])
