@@ -83,7 +83,7 @@ def _rss_mb() -> float:
 
 
 def _tre(errors: np.ndarray) -> dict[str, float]:
-    from rrn_lung_registration.landmarks import summarize_errors
+    from rrn_lung_registration.io.landmarks import summarize_errors
 
     return summarize_errors(errors)
 
@@ -93,10 +93,10 @@ def _tre(errors: np.ndarray) -> dict[str, float]:
 
 def prepare_worker(workdir: Path) -> dict:
     """Read POPI, make the synthetic exhale image and landmarks, write them and random RRN weights."""
-    from rrn_lung_registration.ct_io import read_ct, write_image
-    from rrn_lung_registration.landmarks import write_elastix_points
+    from rrn_lung_registration.io.ct_io import read_ct, write_image
+    from rrn_lung_registration.io.landmarks import write_elastix_points
     from rrn_lung_registration.networks import RRN
-    from rrn_lung_registration.synthetic import synthetic_breathing_pair
+    from rrn_lung_registration.synthetic.breathing import synthetic_breathing_pair
 
     start = time.perf_counter()
     popi = read_ct(data_root() / POPI)
@@ -128,7 +128,7 @@ def prepare_worker(workdir: Path) -> dict:
 
 
 def _read_pair(workdir: Path):
-    from rrn_lung_registration.ct_io import read_ct
+    from rrn_lung_registration.io.ct_io import read_ct
 
     fixed, moving = read_ct(workdir / FILES["fixed"]), read_ct(workdir / FILES["moving"])
     landmarks = (np.load(workdir / FILES["fixed_landmarks"]), np.load(workdir / FILES["moving_landmarks"]))
@@ -140,8 +140,8 @@ def pipeline_worker(workdir: Path, network: bool) -> dict:
 
     ``network``: with the random RRN weights and ``instance_steps=0`` (time only; no outputs written).
     """
+    from rrn_lung_registration.io.spatial import Grid
     from rrn_lung_registration.pipeline import LungRegistration, RegistrationSettings, landmark_report, write_outputs
-    from rrn_lung_registration.spatial import Grid
 
     fixed, moving, (fixed_points, moving_points) = _read_pair(workdir)
     result: dict = {"torch_threads": torch.get_num_threads(), "rss_inputs_mb": _rss_mb()}

@@ -1,66 +1,80 @@
 """The Recursive Refinement Network for exhale-to-inhale lung CT registration, as a library.
 
-Submodules:
+The package is layered; each layer uses only the ones listed before it:
 
-* the method: ``networks`` (RRN, VoxelMorph baseline), ``losses``, ``warp``, ``fields`` (Jacobian),
-  ``engines`` (MONAI trainer / evaluator), ``metrics``;
-* data: ``ct_io`` (CT readers and writers, DIR-Lab raw files, displacement fields), ``integrity``
-  (truncated / corrupt image files), ``data`` (datalists and checks), ``landmarks`` (files, world/voxel
-  conversion, TRE), ``lung_mask`` (automatic lung masks, lung crop), ``phantom`` (synthetic breathing-lung
-  pairs), ``synthetic`` (synthetic breathing pairs from a real CT);
-* registering real scans: ``spatial`` (world-space sampling, grids), ``prealign`` (rigid / affine),
-  ``instance`` (instance optimisation), ``transform`` (the physical-space transform), ``pipeline`` (the
-  whole registration of a pair and its outputs; ``python -m rrn_lung_registration register``),
-  ``datalist_registration`` (a datalist of pairs, resumable, keyed by input paths: the bundle's ``register.json``),
-  ``preflight`` (the checks made before a registration starts, and of its result), ``overview`` (PNG).
+* the method: ``networks`` (RRN, VoxelMorph baseline), ``losses``, ``warp`` (resampling by a field),
+  ``fields`` (Jacobian and other field properties);
+* ``io``, I/O and geometry: ``ct_io``, ``integrity``, ``landmarks``, ``spatial``, ``transform``, ``preflight``;
+* ``masking``: ``lung_mask`` (automatic lung masks, lung boxes, the lung crop);
+* ``alignment``, alignment and optimisation: ``prealign`` (rigid / affine), ``instance`` (deformable
+  optimisation of one pair);
+* ``outputs``: ``overview`` (PNG); the output files themselves are written by ``pipeline``;
+* ``pipeline`` (one pair, end to end: ``python -m rrn_lung_registration register``) and
+  ``datalist_registration`` (a datalist of pairs, resumable: the bundle's ``register.json``);
+* beside them: ``training`` (``data``, ``engines``, ``metrics``: MONAI training and evaluation) and
+  ``synthetic`` (``phantom``, ``breathing``: pairs with exact correspondences).
 
-Bundle configs import this package and reach everything as ``rrn_lung_registration.<submodule>.<name>``.
+Bundle configs import this package and reach everything as ``rrn_lung_registration.<layer>.<module>.<name>``.
+The module paths of the former flat layout (``rrn_lung_registration.lung_mask``, ``...pipeline``, ...) remain
+importable as aliases of the same module objects.
 """
 
-from rrn_lung_registration import (
-    ct_io,
-    data,
+import sys
+
+from rrn_lung_registration import (  # noqa: I001  (after the layers it uses)
+    alignment,
     datalist_registration,
-    engines,
     fields,
-    instance,
-    integrity,
-    landmarks,
+    io,
     losses,
-    lung_mask,
-    metrics,
+    masking,
     networks,
-    overview,
-    phantom,
+    outputs,
     pipeline,
-    prealign,
-    preflight,
-    spatial,
     synthetic,
-    transform,
+    training,
     warp,
 )
+from rrn_lung_registration.alignment import instance, prealign
+from rrn_lung_registration.io import ct_io, integrity, landmarks, preflight, spatial, transform
+from rrn_lung_registration.masking import lung_mask
+from rrn_lung_registration.outputs import overview
+from rrn_lung_registration.synthetic import phantom
+from rrn_lung_registration.training import data, engines, metrics
+
+# Former flat module paths -> the same module objects, so that ``import rrn_lung_registration.lung_mask`` and
+# ``from rrn_lung_registration.ct_io import read_ct`` keep working (``synthetic`` is now the package itself).
+_FLAT_NAMES = {
+    "ct_io": ct_io,
+    "data": data,
+    "engines": engines,
+    "instance": instance,
+    "integrity": integrity,
+    "landmarks": landmarks,
+    "lung_mask": lung_mask,
+    "metrics": metrics,
+    "overview": overview,
+    "phantom": phantom,
+    "prealign": prealign,
+    "preflight": preflight,
+    "spatial": spatial,
+    "transform": transform,
+}
+for _name, _module in _FLAT_NAMES.items():
+    sys.modules.setdefault(f"{__name__}.{_name}", _module)
 
 __all__ = [
-    "ct_io",
-    "data",
+    "alignment",
     "datalist_registration",
-    "engines",
     "fields",
-    "instance",
-    "integrity",
-    "landmarks",
+    "io",
     "losses",
-    "lung_mask",
-    "metrics",
+    "masking",
     "networks",
-    "overview",
-    "phantom",
+    "outputs",
     "pipeline",
-    "prealign",
-    "preflight",
-    "spatial",
     "synthetic",
-    "transform",
+    "training",
     "warp",
+    *sorted(_FLAT_NAMES),
 ]

@@ -6,7 +6,7 @@ a PNG overview and, with landmark files, the TRE report, all in the fixed image'
 :mod:`rrn_lung_registration.pipeline`). Without ``--weights`` it registers by instance optimisation alone.
 ``warp`` applies a displacement field written by ``register`` (or any ITK displacement field) to an image.
 
-Everything that can be checked is checked before any work (:mod:`rrn_lung_registration.preflight`), and a
+Everything that can be checked is checked before any work (:mod:`rrn_lung_registration.io.preflight`), and a
 refusal is one line ``error: <file>: <problem>`` on stderr. Exit codes: 0 done (warnings, if any, are in the
 log and in ``registration.json``), 1 an input, output folder or setting refused, 2 a command line that does
 not parse (an unknown command or option, an option without its value, extra arguments).

@@ -3,13 +3,13 @@
 Data flow (:class:`LungRegistration`)::
 
     fixed, moving CT (HU, any geometry)
-      -> lung masks (:func:`~rrn_lung_registration.lung_mask.lung_mask`)
-      -> pre-alignment A, rigid then affine (:func:`~rrn_lung_registration.prealign.prealign`)
+      -> lung masks (:func:`~rrn_lung_registration.masking.lung_mask.lung_mask`)
+      -> pre-alignment A, rigid then affine (:func:`~rrn_lung_registration.alignment.prealign.prealign`)
       -> network grid: the fixed lung box (+ margin) sampled at ``grid_size`` (256^3 by default);
          fixed on it, moving through A, both clipped to the HU window and scaled to [0, 1]
       -> displacement u on the grid: the RRN (trained weights), then optional instance optimisation
-         (:mod:`~rrn_lung_registration.instance`); without weights, instance optimisation from zero
-      -> transform phi(x) = A(x + U(x)) (:class:`~rrn_lung_registration.transform.RegistrationTransform`)
+         (:mod:`~rrn_lung_registration.alignment.instance`); without weights, instance optimisation from zero
+      -> transform phi(x) = A(x + U(x)) (:class:`~rrn_lung_registration.io.transform.RegistrationTransform`)
 
 and :func:`write_outputs` writes, on the fixed image's own grid and geometry:
 
@@ -32,7 +32,7 @@ when all files are complete, so a failed or interrupted run leaves no partial se
 any earlier one as a whole (no file of an earlier run survives beside the new ones), and the staging folders
 of killed runs are removed by the next run into the folder.
 
-Before any computation, :func:`register_files` checks what can be checked (:mod:`~rrn_lung_registration.preflight`):
+Before any computation, :func:`register_files` checks what can be checked (:mod:`~rrn_lung_registration.io.preflight`):
 the output folder (writable, not a file, no earlier outputs unless ``overwrite``), the settings, the weights
 file, each image (complete file, finite voxels, chest-CT spacing and extent, Hounsfield units) and the
 landmarks (inside their images). After the registration, a mean Jacobian determinant in the lungs that
@@ -60,20 +60,17 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from rrn_lung_registration.ct_io import (
+from rrn_lung_registration.alignment.instance import finetune_network, optimise_field
+from rrn_lung_registration.alignment.prealign import PrealignSettings, prealign, window_hu
+from rrn_lung_registration.io.ct_io import (
     WRITE_SUFFIXES,
     read_ct,
     read_displacement_field,
     write_displacement_field,
     write_image,
 )
-from rrn_lung_registration.instance import finetune_network, optimise_field
-from rrn_lung_registration.landmarks import LPS_TO_RAS, summarize_errors, write_landmarks_csv
-from rrn_lung_registration.losses import RegistrationLoss
-from rrn_lung_registration.lung_mask import axial_axis_from_affine, check_ct_intensities, lung_bounding_box, lung_mask
-from rrn_lung_registration.overview import save_overview
-from rrn_lung_registration.prealign import PrealignSettings, prealign, window_hu
-from rrn_lung_registration.preflight import (
+from rrn_lung_registration.io.landmarks import LPS_TO_RAS, summarize_errors, write_landmarks_csv
+from rrn_lung_registration.io.preflight import (
     check_ct_geometry,
     check_finite,
     check_landmarks_inside,
@@ -83,8 +80,16 @@ from rrn_lung_registration.preflight import (
     remove_stale_staging,
     staging_prefix,
 )
-from rrn_lung_registration.spatial import Grid, sample_voxels, sample_world
-from rrn_lung_registration.transform import RegistrationTransform
+from rrn_lung_registration.io.spatial import Grid, sample_voxels, sample_world
+from rrn_lung_registration.io.transform import RegistrationTransform
+from rrn_lung_registration.losses import RegistrationLoss
+from rrn_lung_registration.masking.lung_mask import (
+    axial_axis_from_affine,
+    check_ct_intensities,
+    lung_bounding_box,
+    lung_mask,
+)
+from rrn_lung_registration.outputs.overview import save_overview
 
 __all__ = [
     "OUTPUT_FILES",
@@ -238,7 +243,7 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 class LungRegistration:
     """Register a moving CT to a fixed CT: ``LungRegistration(settings).register(fixed, moving)``.
 
-    ``fixed`` and ``moving`` are ``MetaTensor (I, J, K)`` in HU, as :func:`~rrn_lung_registration.ct_io.read_ct`
+    ``fixed`` and ``moving`` are ``MetaTensor (I, J, K)`` in HU, as :func:`~rrn_lung_registration.io.ct_io.read_ct`
     gives them. By the DIR-Lab convention fixed is the inhale scan and moving the exhale scan.
     """
 
@@ -441,11 +446,11 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write the outputs listed in the module notes into ``output``; returns ``{name: path}``.
 
-    Landmarks are ``(N, 3)`` LPS mm (as :func:`~rrn_lung_registration.landmarks.read_landmarks` gives).
+    Landmarks are ``(N, 3)`` LPS mm (as :func:`~rrn_lung_registration.io.landmarks.read_landmarks` gives).
     The new set replaces any earlier registration's outputs in ``output`` as a whole, and staging folders
     of killed runs are removed. ``registration.json`` lists under ``"warnings"`` the ``input_warnings`` and
     a mean Jacobian determinant in the lungs outside
-    :data:`~rrn_lung_registration.preflight.JACOBIAN_MEAN_RANGE` (also logged as a warning).
+    :data:`~rrn_lung_registration.io.preflight.JACOBIAN_MEAN_RANGE` (also logged as a warning).
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -546,8 +551,8 @@ def register_files(
 ) -> dict:
     """Read a pair of CT files (and landmark files), register, write the outputs; returns the summary.
 
-    Inputs are anything :func:`~rrn_lung_registration.ct_io.read_ct` reads and landmarks anything
-    :func:`~rrn_lung_registration.landmarks.read_landmarks` reads (voxel formats refer to the images given).
+    Inputs are anything :func:`~rrn_lung_registration.io.ct_io.read_ct` reads and landmarks anything
+    :func:`~rrn_lung_registration.io.landmarks.read_landmarks` reads (voxel formats refer to the images given).
     Everything is read and checked before the registration starts, in this order: the settings, the output
     folder, the weights, the images, the landmarks (see the module notes). Landmarks partly outside their
     image are a warning (logged, and kept in ``registration.json``).
@@ -561,7 +566,7 @@ def register_files(
         NotADirectoryError, PermissionError: ``output`` is a file, or cannot be written.
         FileNotFoundError, ValueError: a missing or unusable input, naming the file.
     """
-    from rrn_lung_registration.landmarks import read_landmark_pair
+    from rrn_lung_registration.io.landmarks import read_landmark_pair
 
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ValueError("give both fixed_landmarks and moving_landmarks, or neither.")

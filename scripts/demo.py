@@ -32,9 +32,9 @@ from skimage import data as skdata
 
 from roigan_stain_transfer.box_library import build_library
 from roigan_stain_transfer.samples import SampleDataError, cache_dir, prepare_demo_data, sample_slide
-from rrn_lung_registration.data import load_datalist
-from rrn_lung_registration.overview import save_overview
-from rrn_lung_registration.phantom import make_dataset
+from rrn_lung_registration.outputs.overview import save_overview
+from rrn_lung_registration.synthetic.phantom import make_dataset
+from rrn_lung_registration.training.data import load_datalist
 from rrn_lung_registration.warp import Warp3d
 from shared_ops import RoIAlign, correlation_displacements, local_cost_correlation_3d
 from shared_ops.atomic import atomic_write, atomic_write_text

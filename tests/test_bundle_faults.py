@@ -45,8 +45,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from rrn_lung_registration import datalist_registration
-from rrn_lung_registration.phantom import make_dataset
 from rrn_lung_registration.pipeline import RegistrationSettings
+from rrn_lung_registration.synthetic.phantom import make_dataset
 from shared_ops.checkpoints import CheckpointError, latest_checkpoint
 from tests.bundle_cli import TIMEOUT, BundleCLI, run_checked, subprocess_env
 from tests.roigan_stain_transfer.test_data import TINY, write_tiny_set

@@ -25,12 +25,13 @@ import numpy as np
 import pytest
 import torch
 
-from rrn_lung_registration import pipeline, preflight
+from rrn_lung_registration import pipeline
 from rrn_lung_registration.__main__ import check_options, main
-from rrn_lung_registration.ct_io import read_ct, read_displacement_field, write_displacement_field, write_image
-from rrn_lung_registration.landmarks import read_landmarks_csv, write_landmarks_csv
-from rrn_lung_registration.phantom import make_breathing_pair
+from rrn_lung_registration.io import preflight
+from rrn_lung_registration.io.ct_io import read_ct, read_displacement_field, write_displacement_field, write_image
+from rrn_lung_registration.io.landmarks import read_landmarks_csv, write_landmarks_csv
 from rrn_lung_registration.pipeline import OUTPUT_FILES, RegistrationSettings, register_files
+from rrn_lung_registration.synthetic.phantom import make_breathing_pair
 from tests.bundle_cli import subprocess_env
 from tests.conftest import REPO_ROOT, require_data
 

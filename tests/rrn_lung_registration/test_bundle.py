@@ -21,7 +21,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata
 from monai.data import load_net_with_metadata
 
-from rrn_lung_registration.phantom import make_dataset
+from rrn_lung_registration.synthetic.phantom import make_dataset
 from tests.bundle_cli import TIMEOUT, BundleCLI, run_checked, subprocess_env
 from tests.conftest import REPO_ROOT
 

@@ -13,7 +13,7 @@ import torch
 from monai.data import ITKReader, MetaTensor
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage, LoadImaged, Orientation
 
-from rrn_lung_registration.ct_io import (
+from rrn_lung_registration.io.ct_io import (
     DIRLAB_GEOMETRY,
     DirLabReader,
     dirlab_affine,
@@ -306,13 +306,13 @@ def test_dirlab_reader_in_a_dictionary_pipeline(tmp_path, case1_volume):
     _write_raw(tmp_path / "scan.img", small)
     write_image(tmp_path / "moving.nii.gz", MetaTensor(torch.from_numpy(small)))
 
-    by_name = LoadImaged(["fixed", "moving"], reader="rrn_lung_registration.ct_io.DirLabReader", image_only=True)
+    by_name = LoadImaged(["fixed", "moving"], reader="rrn_lung_registration.io.ct_io.DirLabReader", image_only=True)
     item = by_name({"fixed": str(tmp_path / "case1_T00_s.img"), "moving": str(tmp_path / "moving.nii.gz")})
     np.testing.assert_array_equal(item["fixed"].numpy(), case1_volume.astype(np.float32) - 1024)
     np.testing.assert_allclose(item["fixed"].affine.numpy(), np.diag([-0.97, -0.97, 2.5, 1.0]))
     np.testing.assert_array_equal(item["moving"].numpy(), small)
 
-    # options go to an instance ({"_target_": "rrn_lung_registration.ct_io.DirLabReader", ...} in a config)
+    # options go to an instance ({"_target_": "rrn_lung_registration.io.ct_io.DirLabReader", ...} in a config)
     reader = DirLabReader(shape=(6, 5, 4), spacing=(1.0, 1.0, 2.5), intensity_offset=0)
     item = LoadImaged(["fixed", "moving"], reader=reader, image_only=True)(
         {"fixed": str(tmp_path / "scan.img"), "moving": str(tmp_path / "moving.nii.gz")}

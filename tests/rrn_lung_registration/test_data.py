@@ -13,9 +13,9 @@ import pytest
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized
 
-from rrn_lung_registration.data import CheckSameShaped, CheckVolumed, LandmarksToVoxeld, load_datalist
-from rrn_lung_registration.landmarks import landmark_errors, read_landmarks_csv
-from rrn_lung_registration.phantom import make_dataset
+from rrn_lung_registration.io.landmarks import landmark_errors, read_landmarks_csv
+from rrn_lung_registration.synthetic.phantom import make_dataset
+from rrn_lung_registration.training.data import CheckSameShaped, CheckVolumed, LandmarksToVoxeld, load_datalist
 
 KEYS = ["fixed", "moving"]
 

@@ -8,11 +8,11 @@ import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.handlers import CheckpointLoader
 
-from rrn_lung_registration.engines import RegistrationEvaluator, RegistrationTrainer
 from rrn_lung_registration.losses import RegistrationLoss
-from rrn_lung_registration.metrics import TargetRegistrationError
 from rrn_lung_registration.networks import RRN, VoxelMorphBaseline
-from rrn_lung_registration.phantom import make_breathing_pair
+from rrn_lung_registration.synthetic.phantom import make_breathing_pair
+from rrn_lung_registration.training.engines import RegistrationEvaluator, RegistrationTrainer
+from rrn_lung_registration.training.metrics import TargetRegistrationError
 from shared_ops.checkpoints import AtomicCheckpointSaver, latest_checkpoint, load_network_weights
 
 SIZE = 48

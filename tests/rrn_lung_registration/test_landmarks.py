@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from rrn_lung_registration.ct_io import DIRLAB_GEOMETRY, dirlab_affine
-from rrn_lung_registration.landmarks import (
+from rrn_lung_registration.io.ct_io import DIRLAB_GEOMETRY, dirlab_affine
+from rrn_lung_registration.io.landmarks import (
     detect_landmark_format,
     dirlab_to_world,
     landmark_errors,
@@ -25,7 +25,7 @@ from rrn_lung_registration.landmarks import (
     write_elastix_points,
     write_landmarks_csv,
 )
-from rrn_lung_registration.phantom import sample_field as scipy_sample_field
+from rrn_lung_registration.synthetic.phantom import sample_field as scipy_sample_field
 from tests.conftest import require_data
 
 OBLIQUE = np.array(

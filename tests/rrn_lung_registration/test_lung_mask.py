@@ -15,8 +15,8 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 from scipy import ndimage
 
-from rrn_lung_registration.ct_io import read_ct
-from rrn_lung_registration.lung_mask import (
+from rrn_lung_registration.io.ct_io import read_ct
+from rrn_lung_registration.masking.lung_mask import (
     CropToLungd,
     LungMaskd,
     axial_axis_from_affine,

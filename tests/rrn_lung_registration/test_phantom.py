@@ -1,4 +1,4 @@
-"""rrn_lung_registration.phantom: shapes, determinism, anatomy, motion, exactness of the ground truth, files."""
+"""rrn_lung_registration.synthetic.phantom: shapes, determinism, anatomy, motion, exactness of the ground truth, files."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from monai.networks.blocks import Warp
 from scipy import ndimage
 
-from rrn_lung_registration import phantom
-from rrn_lung_registration.landmarks import read_landmarks_csv, world_to_voxel
-from rrn_lung_registration.phantom import (
+from rrn_lung_registration.io.landmarks import read_landmarks_csv, world_to_voxel
+from rrn_lung_registration.synthetic import phantom
+from rrn_lung_registration.synthetic.phantom import (
     PhantomPair,
     jacobian_determinant,
     load_nifti_volume,

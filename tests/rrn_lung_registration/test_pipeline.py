@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 from rrn_lung_registration import pipeline
-from rrn_lung_registration.ct_io import read_ct, read_displacement_field, write_image
-from rrn_lung_registration.instance import optimise_field
-from rrn_lung_registration.landmarks import LPS_TO_RAS, read_landmarks_csv, write_landmarks_csv
+from rrn_lung_registration.alignment.instance import optimise_field
+from rrn_lung_registration.alignment.prealign import PrealignSettings, prealign
+from rrn_lung_registration.io.ct_io import read_ct, read_displacement_field, write_image
+from rrn_lung_registration.io.landmarks import LPS_TO_RAS, read_landmarks_csv, write_landmarks_csv
+from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_world
+from rrn_lung_registration.io.transform import RegistrationTransform
 from rrn_lung_registration.networks import RRN
-from rrn_lung_registration.phantom import make_breathing_pair
 from rrn_lung_registration.pipeline import (
     LungRegistration,
     RegistrationSettings,
@@ -25,9 +27,7 @@ from rrn_lung_registration.pipeline import (
     register_files,
     write_outputs,
 )
-from rrn_lung_registration.prealign import PrealignSettings, prealign
-from rrn_lung_registration.spatial import Grid, apply_affine, sample_world
-from rrn_lung_registration.transform import RegistrationTransform
+from rrn_lung_registration.synthetic.phantom import make_breathing_pair
 from tests.bundle_cli import subprocess_env
 from tests.conftest import REPO_ROOT, require_data
 
@@ -153,7 +153,7 @@ def test_transform_composes_prealign_and_displacement():
 
 def test_prealign_recovers_a_rigid_offset(phantom_files):
     """A 30 mm offset with a 6 degree turn is found to within a fraction of the 6 mm voxels."""
-    from rrn_lung_registration.lung_mask import lung_mask
+    from rrn_lung_registration.masking.lung_mask import lung_mask
 
     fixed = read_ct(phantom_files / "fixed.nii.gz")
     grid = Grid.of(fixed)
@@ -289,7 +289,7 @@ def test_a_failure_while_writing_leaves_no_partial_outputs(registered, tmp_path,
 def test_popi_synthetic_breathing_pair_with_a_30_mm_offset():
     """POPI (downsampled) moved by a synthetic breathing motion and a 30 mm / 4 degree repositioning:
     pre-alignment + instance optimisation, with no trained weights, cut the landmark TRE by at least 80 %."""
-    from rrn_lung_registration.synthetic import downsample_ct, synthetic_breathing_pair
+    from rrn_lung_registration.synthetic.breathing import downsample_ct, synthetic_breathing_pair
 
     ct = read_ct(require_data("ct/popi_phase00_dicom"))
     pair = synthetic_breathing_pair(downsample_ct(ct, factor=(4, 4, 2)), n_landmarks=60, seed=0)

@@ -1,4 +1,4 @@
-"""rrn_lung_registration.synthetic: exact breathing pairs made from one CT, downsampling, files, errors."""
+"""rrn_lung_registration.synthetic.breathing: exact breathing pairs made from one CT, downsampling, files, errors."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from rrn_lung_registration.ct_io import read_ct
-from rrn_lung_registration.landmarks import (
+from rrn_lung_registration.io.ct_io import read_ct
+from rrn_lung_registration.io.landmarks import (
     read_landmarks_csv,
     sample_field,
     voxel_to_world,
     world_to_voxel,
 )
-from rrn_lung_registration.synthetic import (
+from rrn_lung_registration.synthetic.breathing import (
     AIR_HU,
     PARENCHYMA_HU,
     SyntheticPair,

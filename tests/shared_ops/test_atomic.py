@@ -71,6 +71,5 @@ def test_a_missing_parent_folder_is_created(tmp_path):
 
 def test_the_old_names_are_the_shared_helper():
     from roigan_stain_transfer import evaluation
-    from rrn_lung_registration import io_utils
 
-    assert io_utils.atomic_write is atomic_write and evaluation.atomic_write_bytes is atomic_write_bytes
+    assert evaluation.atomic_write_bytes is atomic_write_bytes

@@ -11,7 +11,7 @@ also counts the non-finite stored values (ITK's NIfTI reader hides them).
 Checked: NIfTI (``.nii``, ``.nii.gz``, ``.hdr`` / ``.img`` pairs; the header through nibabel), MetaImage
 (``.mha``, ``.mhd`` with its ``.raw`` / ``.zraw``, zlib-compressed or not) and NRRD (``.nrrd``, ``.nhdr`` with
 its data file; raw, gzip or bzip2). Not checked here: DICOM (GDCM reads every slice itself), DIR-Lab
-``.img`` (:class:`~rrn_lung_registration.ct_io.DirLabReader` checks the size), ASCII NRRD, MetaImage slice
+``.img`` (:class:`~rrn_lung_registration.io.ct_io.DirLabReader` checks the size), ASCII NRRD, MetaImage slice
 lists and headers this module does not understand (ITK's reading is then the only check).
 """
 

@@ -39,7 +39,7 @@ Files (:func:`save_pair`): nibabel arrays are ``(i, j, k)``; the ``(D, H, W)`` a
 to ``(W, H, D)`` (``i = x``, ``j = y``, ``k = z``) with a RAS affine built from spacing, origin and direction
 (axis codes ``('L', 'P', 'S')`` for the identity direction), so viewers show the anatomy the right way up;
 :func:`load_nifti_volume` undoes the transpose. Landmark CSV files are those of
-:mod:`rrn_lung_registration.landmarks`: world LPS mm, header
+:mod:`rrn_lung_registration.io.landmarks`: world LPS mm, header
 ``x,y,z`` (the reverse of the array axis order). ``ddf.npy`` keeps the array convention above.
 """
 
@@ -56,8 +56,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from rrn_lung_registration import landmarks as landmarks_io
 from rrn_lung_registration.fields import jacobian_determinant
+from rrn_lung_registration.io import landmarks as landmarks_io
 from shared_ops.atomic import atomic_write
 
 __all__ = [
@@ -1015,7 +1015,7 @@ def write_landmarks_csv(
     direction: Sequence[Sequence[float]] = IDENTITY,
 ) -> None:
     """Write voxel landmarks ``(N, 3)`` (array axis order) as a world LPS mm CSV of
-    :mod:`rrn_lung_registration.landmarks` (header ``x,y,z``, atomic)."""
+    :mod:`rrn_lung_registration.io.landmarks` (header ``x,y,z``, atomic)."""
     points = voxel_to_physical(landmarks, spacing, origin, direction)
     landmarks_io.write_landmarks_csv(path, points[:, ::-1])
 

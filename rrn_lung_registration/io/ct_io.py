@@ -3,7 +3,7 @@
 Every volume comes back as MONAI's ``LoadImage`` would give it with ``ITKReader``: a ``MetaTensor`` of
 shape ``(I, J, K)`` in ITK index order (``I`` runs fastest in the file, i.e. x / columns, then ``J`` =
 rows, then ``K`` = slices), no channel dimension, its affine mapping a voxel index ``(i, j, k)`` to
-**RAS** millimetres (see :mod:`rrn_lung_registration.landmarks` for the package's conventions). The
+**RAS** millimetres (see :mod:`rrn_lung_registration.io.landmarks` for the package's conventions). The
 metadata also holds the ITK geometry, in the ITK / DICOM **LPS** world frame:
 
 * ``spacing``: ``(3,)`` mm per voxel along ``I, J, K``;
@@ -19,8 +19,8 @@ The DIR-Lab 4D-CT (``case1`` .. ``case10``) and COPDGene (``copd1`` .. ``copd10`
 ``.img`` dumps of little-endian int16 voxels, x fastest, then y, then z. :class:`DirLabReader` knows their
 published dimensions and spacings (:data:`DIRLAB_GEOMETRY`), finds the case in the file name and plugs into
 ``LoadImage`` / ``LoadImaged(keys, reader=DirLabReader(...))``; in a bundle config ``"reader":
-"rrn_lung_registration.ct_io.DirLabReader"`` or, with options, ``"reader": {"_target_":
-"rrn_lung_registration.ct_io.DirLabReader", "intensity_offset": 0}`` (not options given to ``LoadImaged``
+"rrn_lung_registration.io.ct_io.DirLabReader"`` or, with options, ``"reader": {"_target_":
+"rrn_lung_registration.io.ct_io.DirLabReader", "intensity_offset": 0}`` (not options given to ``LoadImaged``
 itself: MONAI hands those to every reader). Files it cannot read (other formats, names without a case) fall
 through to MONAI's own readers, so one datalist can mix DIR-Lab and NIfTI / DICOM images.
 
@@ -49,7 +49,7 @@ grid's voxel -> RAS affine.
 Damaged files
 -------------
 A NIfTI, MetaImage or NRRD file is checked against its own header before ITK reads it
-(:func:`~rrn_lung_registration.integrity.verify_image_file`): a cut or corrupt file is refused as
+(:func:`~rrn_lung_registration.io.integrity.verify_image_file`): a cut or corrupt file is refused as
 ``"<file>: truncated or corrupt (...)"`` instead of coming back zero-filled.
 
 Writing
@@ -73,7 +73,7 @@ import torch
 from monai.data import ImageReader, ITKReader, MetaTensor
 from monai.data.utils import is_no_channel, orientation_ras_lps
 
-from rrn_lung_registration.integrity import verify_image_file
+from rrn_lung_registration.io.integrity import verify_image_file
 from shared_ops.atomic import atomic_write
 
 __all__ = [
@@ -495,9 +495,9 @@ def read_ct(path: str | os.PathLike, reader: ImageReader | None = None, series_u
         ValueError: not a single 3-D volume ("expected a 3-D volume", naming the file), an unreadable
             DIR-Lab file, or a NIfTI / MetaImage / NRRD file holding fewer voxel bytes than its header announces
             or a damaged compressed stream ("<file>: truncated or corrupt (...)", see
-            :mod:`rrn_lung_registration.integrity`; ITK itself would fill a cut NIfTI file with zeros).
+            :mod:`rrn_lung_registration.io.integrity`; ITK itself would fill a cut NIfTI file with zeros).
 
-    For the files :mod:`~rrn_lung_registration.integrity` checks, ``meta["nonfinite_voxels"]`` counts the NaN /
+    For the files :mod:`~rrn_lung_registration.io.integrity` checks, ``meta["nonfinite_voxels"]`` counts the NaN /
     infinite values stored in the file (ITK's NIfTI reader reads them as 0; a warning says so).
     """
     path = Path(os.path.expanduser(str(path)))

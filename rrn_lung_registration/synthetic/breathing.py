@@ -7,11 +7,11 @@ texture. :func:`downsample_ct` shrinks a CT for fast tests, :func:`write_pair` s
 
 Conventions (for the whole module)
 ----------------------------------
-* Volumes are ``MetaTensor (I, J, K)`` as :func:`rrn_lung_registration.ct_io.read_ct` returns them: ITK
+* Volumes are ``MetaTensor (I, J, K)`` as :func:`rrn_lung_registration.io.ct_io.read_ct` returns them: ITK
   index order, no channel, affine voxel ``(i, j, k)`` -> **RAS** mm. The moving image has the fixed
   image's shape and affine: only its content moves.
 * Points are ``(N, 3)`` world **LPS** mm, ``(x, y, z)`` = (patient right -> left, anterior -> posterior,
-  inferior -> superior), as in :mod:`rrn_lung_registration.landmarks`. Every motion below is a map of LPS
+  inferior -> superior), as in :mod:`rrn_lung_registration.io.landmarks`. Every motion below is a map of LPS
   mm to LPS mm.
 * Torch resampling uses ``grid_sample(input (1, C, I, J, K), grid (1, n, 1, 1, 3), align_corners=True)``:
   the grid's last axis holds the **reversed** voxel coordinates ``(k, j, i)``, each normalised as
@@ -88,6 +88,7 @@ surroundings (vessels), kept at least ``min_distance_mm`` apart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -102,16 +103,20 @@ from monai.data import MetaTensor
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from rrn_lung_registration.ct_io import write_image
-from rrn_lung_registration.landmarks import LPS_TO_RAS, voxel_to_world, write_landmarks_csv
+from rrn_lung_registration.io.ct_io import write_image
+from rrn_lung_registration.io.landmarks import LPS_TO_RAS, voxel_to_world, write_landmarks_csv
 from shared_ops.atomic import atomic_write
 
 __all__ = [
     "BreathingMotion",
     "RigidMotion",
+    "SlidingWeight",
     "SyntheticPair",
     "downsample_ct",
+    "resample_ct",
+    "scanner_pair",
     "synthetic_breathing_pair",
+    "sliding_region",
     "threshold_lung_mask",
     "write_pair",
 ]
@@ -186,6 +191,38 @@ class RigidMotion:
 
 
 @dataclass(frozen=True, eq=False)
+class SlidingWeight:
+    """``w(p) = 1 - strength (1 - r(p))``: the share of the superior-inferior breathing motion at ``p``.
+
+    ``r`` is the lung region (see :func:`sliding_region`), smoothed, sampled trilinearly (1 inside the lungs
+    and below them, 0 in the chest wall and mediastinum). The lungs keep their full motion and the tissue
+    around them keeps ``1 - strength`` of it: the lungs slide along the chest wall. Only ``u_z`` is scaled, and
+    the region's boundary is vertical except above the lungs (where ``u_z`` is near 0), so ``grad w`` is
+    nearly orthogonal to the motion it scales: a shear, which keeps ``J_B > 0``.
+
+    Attributes:
+        strength: 0 (no sliding) to 1 (the chest wall does not move superior-inferior).
+        values: ``(4, I, J, K)`` float32: ``r`` and its gradient ``d r / d p`` (LPS x, y, z, per mm).
+        lps_to_grid: ``(4, 4)`` LPS mm -> ``grid_sample`` coordinates ``(i, j, k)`` normalised to [-1, 1].
+    """
+
+    strength: float
+    values: torch.Tensor
+    lps_to_grid: np.ndarray
+
+    def weight(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``w`` and ``d w / d x, d w / d y, d w / d z`` at points given as three tensors of one shape."""
+        shape, dtype = x.shape, x.dtype
+        rows = [(*row[:3].tolist(), float(row[3])) for row in self.lps_to_grid[:3]]
+        grid = torch.stack([a * x + b * y + c * z + d for a, b, c, d in rows][::-1], dim=-1)
+        values = self.values.to(x.device)
+        grid = grid.reshape(1, -1, 1, 1, 3).to(values.dtype)
+        sampled = F.grid_sample(values[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
+        sampled = sampled[0, :, :, 0, 0].to(dtype).reshape(4, *shape)
+        return (1.0 - self.strength + self.strength * sampled[0], *(self.strength * sampled[1:]))
+
+
+@dataclass(frozen=True, eq=False)
 class BreathingMotion:
     """The exhale -> inhale breathing map ``B(p) = p + u(p)`` on LPS mm points (see the module notes).
 
@@ -200,6 +237,7 @@ class BreathingMotion:
         envelope_floor, envelope_width: ``e_min`` and ``w`` of the envelope ``e(x, y)``.
         lr_rate, ap_rate: ``a_lr``, ``a_ap`` (lateral and anterior-posterior expansion per mm).
         wave_vectors ``(K, 3)`` rad / mm, wave_phases ``(K,)``, wave_amplitudes ``(K, 3)`` mm.
+        sliding: scales the superior-inferior term (not the waves) by ``w(p)``; ``None``: ``w = 1``.
     """
 
     amplitude_mm: float
@@ -220,6 +258,7 @@ class BreathingMotion:
     wave_vectors: np.ndarray
     wave_phases: np.ndarray
     wave_amplitudes: np.ndarray
+    sliding: SlidingWeight | None = None
 
     def _profile(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``s = S(zeta)^3`` and ``d s / d z`` of the superior-inferior profile."""
@@ -276,6 +315,8 @@ class BreathingMotion:
         ux = dx * g * self.lr_rate
         uy = (y - self.y_posterior) * g * self.ap_rate
         uz = s * modulation * -self.amplitude_mm
+        if self.sliding is not None:
+            uz = uz * self.sliding.weight(x, y, z)[0]
         for vector, phase, amplitude in self._waves():
             wave = torch.sin(dx * vector[0] + dy * vector[1] + dz * vector[2] + phase)
             ux += wave * amplitude[0]
@@ -292,10 +333,15 @@ class BreathingMotion:
         modulation, dm_dx, dm_dy = self._modulation(dx, dy, gradient=True)
         zero = torch.zeros_like(dx)
         a = -self.amplitude_mm
+        si_row = [s * dm_dx * a, s * dm_dy * a, ds * modulation * a]  # d u_z / d p_j before sliding
+        if self.sliding is not None:  # u_z = w u_si: d u_z = w d u_si + u_si d w
+            w, *dw = self.sliding.weight(x, y, z)
+            u_si = s * modulation * a
+            si_row = [w * d + u_si * g_w for d, g_w in zip(si_row, dw, strict=True)]
         grad = [  # grad[i][j] = d B_i / d p_j
             [g * self.lr_rate + 1.0, zero.clone(), dx * dg * self.lr_rate],
             [zero.clone(), g * self.ap_rate + 1.0, (y - self.y_posterior) * dg * self.ap_rate],
-            [s * dm_dx * a, s * dm_dy * a, ds * modulation * a + 1.0],
+            [si_row[0], si_row[1], si_row[2] + 1.0],
         ]
         for vector, phase, amplitude in self._waves():
             wave = torch.cos(dx * vector[0] + dy * vector[1] + dz * vector[2] + phase)
@@ -322,6 +368,42 @@ class BreathingMotion:
         """``J_B = det(I + grad u)`` at ``points (..., 3)`` LPS mm -> ``(...)`` (analytic derivatives)."""
         p, is_numpy = _points(points)
         return _back(self.jacobian_components(*p.unbind(-1)), is_numpy)
+
+
+def sliding_region(mask: np.ndarray, lps: np.ndarray) -> np.ndarray:
+    """The region that moves with the lungs: the lung mask with its holes filled, extended inferiorly.
+
+    ``mask (I, J, K)`` bool on the grid of ``lps`` (voxel -> LPS mm). Everything below a lung voxel along
+    the image axis closest to superior-inferior belongs to the region (the abdomen follows the diaphragm),
+    so the region's boundary is the chest wall and mediastinum beside the lungs and the lungs' upper surface.
+    """
+    region = ndimage.binary_fill_holes(mask)
+    axis = int(np.argmax(np.abs(lps[2, :3]) / _spacing(lps)))
+    superior_last = lps[2, axis] > 0  # the index grows towards superior
+    if superior_last:
+        region = np.flip(region, axis)
+    region = np.logical_or.accumulate(region, axis=axis)  # from superior downwards
+    return np.flip(region, axis) if superior_last else region
+
+
+def _sliding_weight(mask: np.ndarray, lps: np.ndarray, strength: float, smoothing_mm: float = 2.0) -> SlidingWeight:
+    """:class:`SlidingWeight` of the lung ``mask`` (fixed grid, ``lps`` voxel -> LPS mm), smoothed by a Gaussian
+    of ``smoothing_mm`` and kept on a grid of about 2 mm (a subsample of the image grid)."""
+    spacing = _spacing(lps)
+    region = ndimage.gaussian_filter(sliding_region(mask, lps).astype(np.float32), smoothing_mm / spacing)
+    step = np.maximum(1, np.round(2.0 / spacing)).astype(int)
+    region = np.ascontiguousarray(region[:: step[0], :: step[1], :: step[2]])
+    coarse = lps.copy()
+    coarse[:3, :3] = lps[:3, :3] * step
+    gradient_voxels = np.stack(np.gradient(region), axis=-1)  # d r / d v_i (coarse voxels)
+    to_voxel = np.linalg.inv(coarse)
+    gradient_lps = gradient_voxels @ to_voxel[:3, :3]  # d r / d p_j = sum_i d r / d v_i d v_i / d p_j
+    values = np.concatenate((region[None], np.moveaxis(gradient_lps, -1, 0))).astype(np.float32)
+    scale = 2.0 / np.maximum(np.asarray(region.shape) - 1.0, 1.0)
+    lps_to_grid = np.eye(4)
+    lps_to_grid[:3] = scale[:, None] * to_voxel[:3]
+    lps_to_grid[:3, 3] -= 1.0
+    return SlidingWeight(float(strength), torch.from_numpy(values), lps_to_grid)
 
 
 def _draw_breathing(rng: np.random.Generator, box: tuple[np.ndarray, np.ndarray], amplitude: float) -> BreathingMotion:
@@ -566,6 +648,120 @@ def downsample_ct(
     )
 
 
+def _lung_side_box(mask: np.ndarray, lps: np.ndarray, side: str | None, margin_mm: float) -> np.ndarray:
+    """``(2, 3)`` LPS mm low / high corners of the lungs (``side``: ``"right"``, ``"left"`` or ``None`` for
+    both), grown by ``margin_mm``. Patient right is LPS ``-x``; the sides split at the lungs' mid-x."""
+    index = np.argwhere(mask)
+    world = index @ lps[:3, :3].T + lps[:3, 3]
+    if side is not None:
+        middle = (world[:, 0].min() + world[:, 0].max()) / 2.0
+        world = world[world[:, 0] < middle] if side == "right" else world[world[:, 0] >= middle]
+    return np.stack((world.min(axis=0) - margin_mm, world.max(axis=0) + margin_mm))
+
+
+def resample_ct(
+    image: MetaTensor, spacing_mm: Sequence[float], box_lps: np.ndarray | None = None, fill_hu: float = AIR_HU
+) -> MetaTensor:
+    """``image`` resampled to voxels of ``spacing_mm`` (per array axis) over ``box_lps`` ((2, 3) LPS mm corners;
+    default the whole image), keeping its axis directions: what a scanner with that geometry would give.
+
+    Axes made coarser are first blurred by a Gaussian whose width makes up the difference in resolution
+    (FWHM ``sqrt(new^2 - old^2)``), as a thicker slice integrates over more tissue; trilinear sampling,
+    ``fill_hu`` outside the image.
+    """
+    image = _check_volume(image)
+    affine = _affine(image)
+    lps = _lps_affine(affine)
+    old = _spacing(lps)
+    new = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+    shape = np.asarray(image.shape)
+    if box_lps is None:
+        start, stop = np.zeros(3), shape - 1.0
+    else:
+        corners = np.array(
+            [[box_lps[a][0], box_lps[b][1], box_lps[c][2]] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+        )
+        voxels = (corners - lps[:3, 3]) @ np.linalg.inv(lps[:3, :3]).T
+        start, stop = np.clip(voxels.min(axis=0), 0, shape - 1), np.clip(voxels.max(axis=0), 0, shape - 1)
+    out_shape = np.maximum(2, np.floor((stop - start) * old / new).astype(int) + 1)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(new / old)
+    step[:3, 3] = start
+    out_affine = affine @ step
+    blur = np.sqrt(np.maximum(new**2 - old**2, 0.0)) / (2.3548 * old)
+    data = image.as_tensor().detach().float()
+    if np.any(blur > 0.1):
+        data = torch.from_numpy(ndimage.gaussian_filter(data.cpu().numpy(), blur, mode="nearest"))
+    axes = [torch.arange(n, dtype=torch.float64) * (new[a] / old[a]) + start[a] for a, n in enumerate(out_shape)]
+    voxels = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    normalised = voxels * torch.as_tensor(2.0 / (shape - 1.0)) - 1.0
+    grid = normalised.flip(-1).float()[None]
+    values = F.grid_sample((data - fill_hu)[None, None], grid, mode="bilinear", align_corners=True)[0, 0] + fill_hu
+    return MetaTensor(
+        values.contiguous(),
+        affine=torch.as_tensor(out_affine, dtype=torch.float64),
+        meta=_meta_for(image, out_affine, values.shape),
+    )
+
+
+def _resample_mask(mask: np.ndarray, source: MetaTensor, target: MetaTensor) -> np.ndarray:
+    """A boolean mask on the grid of ``source`` resampled (nearest) onto the grid of ``target``."""
+    to_source = np.linalg.inv(_affine(source)) @ _affine(target)
+    voxels = np.stack(np.meshgrid(*(np.arange(n) for n in target.shape), indexing="ij"), axis=-1)
+    index = np.rint(voxels @ to_source[:3, :3].T + to_source[:3, 3]).astype(int)
+    inside = np.all((index >= 0) & (index < np.asarray(mask.shape)), axis=-1)
+    out = np.zeros(target.shape, dtype=bool)
+    clipped = np.clip(index, 0, np.asarray(mask.shape) - 1)
+    out[inside] = mask[tuple(clipped[inside].T)]
+    return out
+
+
+def _inside(points_lps: np.ndarray, image: MetaTensor, margin_voxels: float = 0.5) -> np.ndarray:
+    lps = _lps_affine(_affine(image))
+    voxels = (points_lps - lps[:3, 3]) @ np.linalg.inv(lps[:3, :3]).T
+    return np.all((voxels >= margin_voxels) & (voxels <= np.asarray(image.shape) - 1 - margin_voxels), axis=1)
+
+
+def scanner_pair(
+    pair: SyntheticPair, spacing_mm: Sequence[float], side: str | None = None, margin_mm: float = 15.0
+) -> SyntheticPair:
+    """The pair as two scans of their own: each image cropped to its own lungs (``side``: ``"right"``,
+    ``"left"`` or ``None`` for both) plus ``margin_mm``, and resampled to ``spacing_mm`` (e.g. 2.5 mm slices).
+
+    Fixed and moving then have different grids (origins and shapes), like a real baseline / follow-up pair.
+    The landmark pairs are kept where both points lie inside their images; their world coordinates (and so
+    the correspondences) are unchanged. The lung masks are resampled (nearest).
+    """
+    if side not in (None, "right", "left"):
+        raise ValueError(f"side must be 'right', 'left' or None, got {side!r}.")
+    images, masks = {}, {}
+    for name in ("fixed", "moving"):
+        image, mask = getattr(pair, name), getattr(pair, f"{name}_lung_mask")
+        box = _lung_side_box(mask, _lps_affine(_affine(image)), side, margin_mm)
+        images[name] = resample_ct(image, spacing_mm, box)
+        masks[name] = _resample_mask(mask, image, images[name])
+    keep = _inside(pair.fixed_landmarks, images["fixed"]) & _inside(pair.moving_landmarks, images["moving"])
+    parameters = dict(
+        pair.parameters,
+        scanner={
+            "spacing_mm": list(map(float, np.broadcast_to(spacing_mm, (3,)))),
+            "side": side,
+            "margin_mm": float(margin_mm),
+        },
+    )
+    return SyntheticPair(
+        fixed=images["fixed"],
+        moving=images["moving"],
+        fixed_landmarks=pair.fixed_landmarks[keep],
+        moving_landmarks=pair.moving_landmarks[keep],
+        rigid=pair.rigid,
+        breathing=pair.breathing,
+        fixed_lung_mask=masks["fixed"],
+        moving_lung_mask=masks["moving"],
+        parameters=parameters,
+    )
+
+
 @dataclass
 class _Rendered:
     moving: torch.Tensor  # (I, J, K) float32, noise-free
@@ -801,6 +997,7 @@ def synthetic_breathing_pair(
     rotation_deg: Sequence[float] = (3.0, -2.0, 2.0),
     n_landmarks: int = 100,
     density_change: bool = True,
+    sliding: float = 0.0,
     noise_hu: float = 10.0,
     margin_mm: float = 5.0,
     min_distance_mm: float = 10.0,
@@ -818,6 +1015,9 @@ def synthetic_breathing_pair(
         rotation_deg: rigid rotation about the LPS x, y, z axes through the lung centre.
         n_landmarks: number of landmark pairs.
         density_change: mass-preserving lung density change (the exhale lung is denser).
+        sliding: share of the superior-inferior breathing motion that the tissue around the lungs loses
+            (0: none, the default; 0.7: the chest wall moves 30 % as much as the lungs beside it), so that
+            the lungs slide along the chest wall (:class:`SlidingWeight`).
         noise_hu: standard deviation of Gaussian noise added to the moving image (0: none).
         margin_mm: landmarks map at least about this far inside the fixed lung mask.
         min_distance_mm: preferred minimum spacing of the landmarks (relaxed when the lungs are too small).
@@ -839,6 +1039,9 @@ def synthetic_breathing_pair(
     if isinstance(n_landmarks, bool) or not isinstance(n_landmarks, (int, np.integer)) or n_landmarks < 1:
         raise ValueError(f"n_landmarks: expected an integer >= 1, got {n_landmarks!r}.")
     noise = _check_number("noise_hu", noise_hu)
+    sliding = _check_number("sliding", sliding)
+    if sliding > 1.0:
+        raise ValueError(f"sliding: expected a share between 0 and 1, got {sliding!r}.")
     margin = _check_number("margin_mm", margin_mm)
     min_distance = _check_number("min_distance_mm", min_distance_mm)
     if outside_hu is not None:
@@ -850,6 +1053,8 @@ def synthetic_breathing_pair(
     rng = np.random.default_rng(seed)
     low, high = _lung_box(mask, affine)
     breathing = _draw_breathing(rng, (low, high), amplitude)
+    if sliding > 0:
+        breathing = dataclasses.replace(breathing, sliding=_sliding_weight(mask, lps, sliding))
     rigid = RigidMotion(rotation, offset, tuple(float(v) for v in (low + high) / 2.0))
     _check_jacobian(breathing, rigid, shape, lps)
 
@@ -872,6 +1077,7 @@ def synthetic_breathing_pair(
         "rotation_deg": list(rotation),
         "n_landmarks": int(n_landmarks),
         "density_change": bool(density_change),
+        "sliding": sliding,
         "noise_hu": noise,
         "margin_mm": margin,
         "min_distance_mm": min_distance,
@@ -897,7 +1103,10 @@ def _motion_json(pair: SyntheticPair) -> dict:
     def plain(value):
         return value.tolist() if isinstance(value, np.ndarray) else value
 
-    breathing = {name: plain(getattr(pair.breathing, name)) for name in pair.breathing.__dataclass_fields__}
+    breathing = {
+        name: plain(getattr(pair.breathing, name)) for name in pair.breathing.__dataclass_fields__ if name != "sliding"
+    }
+    breathing["sliding_strength"] = pair.breathing.sliding.strength if pair.breathing.sliding else 0.0
     rigid = {name: plain(getattr(pair.rigid, name)) for name in pair.rigid.__dataclass_fields__}
     return {
         "parameters": pair.parameters,

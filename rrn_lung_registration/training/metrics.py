@@ -15,8 +15,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
-from rrn_lung_registration.data import IMAGE_KEYS, LANDMARK_KEYS
-from rrn_lung_registration.landmarks import landmark_errors, summarize_errors
+from rrn_lung_registration.io.landmarks import landmark_errors, summarize_errors
+from rrn_lung_registration.training.data import IMAGE_KEYS, LANDMARK_KEYS
 from shared_ops.atomic import atomic_write
 
 __all__ = ["TargetRegistrationError", "TREReportWriter"]
@@ -49,7 +49,7 @@ class TargetRegistrationError(Metric):
 
     The iteration output must hold ``pred`` (ddf, voxels), the ``moving`` image (a MetaTensor: its affine
     gives the millimetres) and voxel landmarks ``fixed_landmarks`` / ``moving_landmarks``
-    (:class:`rrn_lung_registration.data.LandmarksToVoxeld`). Pairs without landmarks are skipped; with none
+    (:class:`rrn_lung_registration.training.data.LandmarksToVoxeld`). Pairs without landmarks are skipped; with none
     at all the metric is NaN. Distributed runs reduce over all ranks.
 
     Args:

@@ -5,7 +5,7 @@ air inside it, connected components, hole filling and a small morphological clos
 
 Conventions:
 
-* Volumes are arrays ``(I, J, K)`` as :func:`rrn_lung_registration.ct_io.read_ct` gives them (ITK index
+* Volumes are arrays ``(I, J, K)`` as :func:`rrn_lung_registration.io.ct_io.read_ct` gives them (ITK index
   order, no channel), in Hounsfield units; ``spacing`` is ``(3,)`` mm per voxel along the same axes. The
   *axial* axis (``axial_axis``, default 2 = ``K``, the slice axis of a DICOM series) is the one the
   slice-wise steps work across; the two others span the axial plane. The transforms find it from the
@@ -368,7 +368,7 @@ def lung_mask(
         volume: the CT, array or tensor, Hounsfield units.
         spacing: ``(3,)`` mm per voxel along ``I, J, K``.
         threshold_hu: voxels below are air (lung, airways, outside air).
-        axial_axis: the array axis across axial slices (2 for :func:`~rrn_lung_registration.ct_io.read_ct`
+        axial_axis: the array axis across axial slices (2 for :func:`~rrn_lung_registration.io.ct_io.read_ct`
             volumes of axial series).
         working_mm: the mask is computed on voxels about this size (block averages), then refined on the
             full grid; ``0`` works on the full grid.

@@ -22,8 +22,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_world, to_matrix
 from rrn_lung_registration.losses import LocalNCCLoss
-from rrn_lung_registration.spatial import Grid, apply_affine, sample_world, to_matrix
 
 __all__ = ["PrealignSettings", "downsample", "prealign", "window_hu"]
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from rrn_lung_registration.fields import jacobian_determinant
-from rrn_lung_registration.landmarks import LPS_TO_RAS
-from rrn_lung_registration.spatial import Grid, apply_affine, sample_voxels, to_matrix
+from rrn_lung_registration.io.landmarks import LPS_TO_RAS
+from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_voxels, to_matrix
 
 __all__ = ["RegistrationTransform"]
 

@@ -209,7 +209,7 @@ def remove_stale_staging(output: str | os.PathLike) -> list[Path]:
 
 def check_finite(image: torch.Tensor, source: str) -> None:
     """Refuse an image with NaN / infinite voxels, counted in the file (``meta["nonfinite_voxels"]``, see
-    :func:`~rrn_lung_registration.ct_io.read_ct`) and in the tensor.
+    :func:`~rrn_lung_registration.io.ct_io.read_ct`) and in the tensor.
 
     Raises:
         ValueError: naming ``source`` and the count.
@@ -266,7 +266,7 @@ def check_ct_geometry(image, source: str) -> None:
 def landmarks_outside(points_lps: np.ndarray, image) -> np.ndarray:
     """Which world LPS mm landmarks ``(N, 3)`` lie outside ``image``'s voxels (a half voxel beyond the
     centres of the outer voxels counts as inside): a bool ``(N,)`` array."""
-    from rrn_lung_registration.landmarks import world_to_voxel
+    from rrn_lung_registration.io.landmarks import world_to_voxel
 
     voxels = world_to_voxel(np.asarray(points_lps, dtype=np.float64).reshape(-1, 3), image.affine)
     size = np.asarray(image.shape[-3:], dtype=np.float64)

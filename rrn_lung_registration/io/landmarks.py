@@ -18,7 +18,7 @@ Landmark files (:func:`read_landmarks` reads any of them and returns world LPS m
   numbers separated by tabs / spaces (integers or floats, trailing tab and CRLF allowed), **1-based voxel
   indices** ``x y z`` of the image: column, row, slice of the raw file, i.e. ITK index order, so a point
   ``(x, y, z)`` is voxel ``(x - 1, y - 1, z - 1)`` of the ``(I, J, K)`` array that
-  :mod:`rrn_lung_registration.ct_io` reads. Some files (the COPDGene ``iBH`` ones) start with the two
+  :mod:`rrn_lung_registration.io.ct_io` reads. Some files (the COPDGene ``iBH`` ones) start with the two
   lines ``index`` / ``300`` of the elastix header although their values are still DIR-Lab 1-based.
 * **elastix / transformix point sets**: first line ``point`` (world coordinates, ITK LPS mm) or ``index``
   (0-based continuous voxel indices in ITK index order), second line the number of points, then one point
@@ -338,7 +338,7 @@ def _image_affine(image, path: Path | None = None) -> np.ndarray:
 def dirlab_to_world(points: np.ndarray, image) -> np.ndarray:
     """DIR-Lab 1-based voxel ``x y z`` ``(N, 3)`` -> world LPS mm ``(N, 3)``: voxel ``(x-1, y-1, z-1)``.
 
-    ``image``: the volume the indices refer to (``MetaTensor`` from :func:`rrn_lung_registration.ct_io.read_ct`
+    ``image``: the volume the indices refer to (``MetaTensor`` from :func:`rrn_lung_registration.io.ct_io.read_ct`
     or ``DirLabReader``) or its ``(4, 4)`` voxel-to-RAS affine (e.g. ``ct_io.dirlab_affine("case1")``).
     """
     return voxel_to_world(np.asarray(points, dtype=np.float64).reshape(-1, 3) - 1.0, _image_affine(image))

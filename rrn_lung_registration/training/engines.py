@@ -18,7 +18,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 from torch import nn
 
-from rrn_lung_registration.data import IMAGE_KEYS, LANDMARK_KEYS
+from rrn_lung_registration.training.data import IMAGE_KEYS, LANDMARK_KEYS
 from rrn_lung_registration.warp import Warp3d
 from shared_ops.engines import engine_autocast
 

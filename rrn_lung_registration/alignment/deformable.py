@@ -1,0 +1,382 @@
+"""Deformable registration of a pre-aligned lung CT pair by optimisation, without a trained network.
+
+Conventions (this module):
+
+* The **box** is a :class:`~rrn_lung_registration.io.spatial.Grid` over the fixed lung box. Points are ``q``
+  in mm along the box's three axes from its first voxel (the frame of
+  :class:`~rrn_lung_registration.alignment.bspline.BSplineField`); displacements ``u(q)`` are mm along the same
+  axes. The moving point matched to the fixed point ``x`` is ``A(x + U(x))`` (``A``: the pre-alignment,
+  ``U``: ``u`` turned into world axes).
+* A **level** samples the box at one spacing (``Grid.with_spacing``): voxel ``n`` of the level is ``q =
+  n * spacing`` (per axis).
+
+The field is a sum of cubic B-splines, one per level, coarse to fine (``control_mm``): smooth by
+construction. Each level:
+
+1. block-averages both images to about the level's spacing (``levels_mm``) and samples them on the level's
+   grid (the moving one through ``A``, on the grid grown by ``reach_mm`` so that the field can look beyond
+   the box), then describes both by MIND-SSC features (:func:`mind_ssc`: 12 channels of local
+   self-similarity, insensitive to the density change of breathing lungs and to noise);
+2. keeps as sample points the level voxels inside the fixed lung mask grown by ``mask_margin_mm`` (the lungs
+   slide along the chest wall: the wall's motion is not the lungs', and the similarity looks at the lungs);
+3. minimises with Adam, on ``samples`` random sample points per step (a stochastic gradient, as elastix
+   does): the mean squared MIND difference + ``smoothness`` * the roughness of the level's coefficients +
+   ``folding`` * the mean of ``relu(min_jacobian - det(I + grad u))^2`` (keeps ``det J > 0``, from the exact
+   B-spline gradient);
+4. stops when the loss (a running mean) has improved by less than ``tolerance`` (relative) over
+   ``patience`` steps, or after ``max_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rrn_lung_registration.alignment.bspline import BSplineField
+from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_world, to_matrix
+
+__all__ = ["DeformableSettings", "LevelReport", "mind_ssc", "register_deformable"]
+
+
+@dataclass
+class DeformableSettings:
+    """Settings of :func:`register_deformable` (one value per level where a sequence).
+
+    Attributes:
+        levels_mm: image sample spacing of each level, coarse to fine; ``None`` as the last entry means the
+            finest spacing the images and ``max_voxels`` allow (see :func:`finest_spacing`).
+        control_mm: B-spline control point spacing of each level.
+        max_steps: Adam steps at most.
+        learning_rate: Adam step (mm) of each level.
+        samples: sample points of the similarity per step.
+        jacobian_samples: sample points of the folding penalty per step.
+        smoothness: weight of the coefficients' roughness.
+        folding: weight of the penalty on Jacobian determinants below ``min_jacobian``.
+        min_jacobian: the determinant below which that penalty starts.
+        mask_margin_mm: the similarity is measured in the fixed lung mask grown by this much.
+        reach_mm: the moving image is sampled this far beyond the fixed box.
+        hu_window: HU clipped to this range before the features.
+        max_voxels: largest level grid (voxels) the finest automatic spacing may make.
+        tolerance, patience: stop when the running mean of the loss improved by less than ``tolerance``
+            (relative) over ``patience`` steps.
+    """
+
+    levels_mm: Sequence[float | None] = (6.0, 3.0, None)
+    control_mm: Sequence[float] = (24.0, 12.0, 8.0)
+    max_steps: Sequence[int] = (200, 200, 200)
+    learning_rate: Sequence[float] = (1.0, 0.5, 0.25)
+    samples: int = 8192
+    jacobian_samples: int = 2048
+    smoothness: float = 0.05
+    folding: float = 10.0
+    min_jacobian: float = 0.2
+    mask_margin_mm: float = 5.0
+    reach_mm: float = 10.0
+    hu_window: tuple[float, float] = (-1000.0, 0.0)
+    max_voxels: int = 4_000_000
+    tolerance: float = 1e-3
+    patience: int = 25
+
+    def check(self) -> None:
+        n = len(self.levels_mm)
+        for name in ("control_mm", "max_steps", "learning_rate"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"{name} needs one value per level {tuple(self.levels_mm)}, got {getattr(self, name)!r}."
+                )
+        if any(s is None for s in self.levels_mm[:-1]):
+            raise ValueError(f"only the last level's spacing may be automatic (None), got {tuple(self.levels_mm)}.")
+
+
+@dataclass
+class LevelReport:
+    """What one level did: its spacing and grid shape, its control spacing, the steps taken, the loss (running
+    mean) at the start and at the end, and the seconds spent preparing the level and optimising."""
+
+    spacing_mm: float
+    shape: tuple[int, int, int]
+    control_mm: float
+    steps: int
+    first_loss: float
+    last_loss: float
+    setup_s: float
+    optimise_s: float
+
+
+def finest_spacing(box: Grid, image_spacings: Sequence[torch.Tensor], max_voxels: int) -> float:
+    """The finest level spacing: the finer image's smallest voxel side (at least 1 mm), made coarser where
+    the box would hold more than ``max_voxels`` voxels at it."""
+    extent = (torch.tensor(box.shape, dtype=torch.float64) - 1) * box.spacing
+    native = max(1.0, min(float(s.min()) for s in image_spacings))
+    by_size = float((extent.prod() / max_voxels) ** (1.0 / 3.0))
+    return max(native, by_size)
+
+
+# ----------------------------------------------------------------------------------------------- features
+
+# MIND-SSC: the six neighbours of a voxel at distance ``dilation`` along the axes, and the twelve pairs of
+# them at distance sqrt(2) * dilation (neighbours on different axes): the self-similarity context.
+_NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+_PAIRS = tuple(
+    (a, b)
+    for a in range(6)
+    for b in range(a + 1, 6)
+    if sum(x * y for x, y in zip(_NEIGHBOURS[a], _NEIGHBOURS[b], strict=True)) == 0
+)
+
+
+def _box_mean(volume: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over a ``(2 radius + 1)^3`` box around each voxel of ``volume (1, C, I, J, K)``, borders repeated
+    (sums of shifted copies, one axis at a time)."""
+    width = 2 * radius + 1
+    volume = F.pad(volume, (radius,) * 6, mode="replicate")
+    for axis in (2, 3, 4):
+        length = volume.shape[axis] - 2 * radius
+        volume = sum(volume.narrow(axis, offset, length) for offset in range(width))
+    return volume / width**3
+
+
+def _grow(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """``mask (I, J, K)`` bool grown by a ``(2 radius + 1)^3`` box (separable maximum)."""
+    volume = mask.float()[None, None]
+    width = 2 * radius + 1
+    for kernel, padding in (
+        ((width, 1, 1), (radius, 0, 0)),
+        ((1, width, 1), (0, radius, 0)),
+        ((1, 1, width), (0, 0, radius)),
+    ):
+        volume = F.max_pool3d(volume, kernel, stride=1, padding=padding)
+    return volume[0, 0] > 0
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC features ``(1, 12, I, J, K)`` of ``image (1, 1, I, J, K)``.
+
+    For each of the twelve neighbour pairs ``(a, b)``: the patch distance ``D = box_mean((I(x + a) - I(x +
+    b))^2)`` over a ``(2 radius + 1)^3`` box; features ``exp(-D / V)`` with ``V`` the mean of the twelve
+    distances (clamped to [0.001, 1000] times its mean over the image), divided by their maximum over the
+    channels (Heinrich et al., MICCAI 2013). Borders repeat the edge voxels.
+    """
+    if image.ndim != 5 or image.shape[:2] != (1, 1):
+        raise ValueError(f"mind_ssc expects an image (1, 1, I, J, K), got {tuple(image.shape)}.")
+    pad, size = dilation, image.shape[2:]
+    padded = F.pad(image, (pad,) * 6, mode="replicate")
+    neighbours = [  # the image read at x + dilation * offset
+        padded[
+            :,
+            :,
+            pad + dilation * o[0] : pad + dilation * o[0] + size[0],
+            pad + dilation * o[1] : pad + dilation * o[1] + size[1],
+            pad + dilation * o[2] : pad + dilation * o[2] + size[2],
+        ]
+        for o in _NEIGHBOURS
+    ]
+    squared = torch.cat([(neighbours[a] - neighbours[b]).square() for a, b in _PAIRS], dim=1)
+    distances = _box_mean(squared, radius)
+    variance = distances.mean(dim=1, keepdim=True)
+    level = float(variance.mean())
+    variance = variance.clamp(min=max(level * 1e-3, 1e-12), max=max(level * 1e3, 1e-12))
+    features = torch.exp(-distances / variance)
+    return features / features.amax(dim=1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------------------- levels
+
+
+def _pooled(image: torch.Tensor, affine: torch.Tensor, spacing_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block means of ``image (I, J, K)`` to about ``spacing_mm`` (none along axes already as coarse), and
+    their voxel -> world affine (block centres)."""
+    voxel = affine[:3, :3].norm(dim=0)
+    factors = [max(1, min(int(round(spacing_mm / float(s))), n)) for s, n in zip(voxel, image.shape, strict=True)]
+    if max(factors) == 1:
+        return image.float(), affine
+    pooled = F.avg_pool3d(image.float()[None, None], kernel_size=factors, stride=factors)[0, 0]
+    scale = torch.eye(4, dtype=torch.float64)
+    scale[:3, :3] = torch.diag(torch.tensor(factors, dtype=torch.float64))
+    scale[:3, 3] = (torch.tensor(factors, dtype=torch.float64) - 1) / 2
+    return pooled, affine @ scale
+
+
+def _features(values: torch.Tensor, hu_window: tuple[float, float]) -> torch.Tensor:
+    low, high = hu_window
+    return mind_ssc(((values.clamp(low, high) - low) / (high - low))[None, None])
+
+
+class _Level:
+    """One level: the fixed features at its sample points and the moving features around the box.
+
+    Attributes:
+        grid: the level's grid over the box; ``spacing`` ``(3,)`` mm per axis.
+        points: ``(M, 3)`` sample points ``q`` (mm, box frame); ``fixed``: ``(M, 12)`` their fixed features.
+        moving: ``(1, 12, I + 2r, J + 2r, K + 2r)`` moving features on the grid grown by ``reach`` voxels.
+    """
+
+    def __init__(self, grid, fixed, fixed_affine, moving, moving_affine, prealign, fixed_mask, settings) -> None:
+        self.grid = grid
+        self.spacing = grid.spacing.float()
+        spacing = float(grid.spacing.mean())
+        low = settings.hu_window[0]
+        self.reach = max(1, math.ceil(settings.reach_mm / spacing))
+        points = grid.points(torch.float64)
+        pooled, pooled_affine = _pooled(fixed, fixed_affine, spacing)
+        fixed_features = _features(sample_world(pooled, pooled_affine, points.float(), fill=low), settings.hu_window)
+        pooled, pooled_affine = _pooled(moving, moving_affine, spacing)
+        wide = Grid(tuple(n + 2 * self.reach for n in grid.shape), grid.affine @ _shift(-self.reach))
+        moved = apply_affine(prealign, wide.points(torch.float64)).float()
+        self.moving = _features(sample_world(pooled, pooled_affine, moved, fill=low), settings.hu_window)
+        pooled, pooled_affine = _pooled(fixed_mask.float(), fixed_affine, spacing)
+        mask = sample_world(pooled, pooled_affine, points.float(), fill=0.0) > 0.25
+        grow = round(settings.mask_margin_mm / spacing)
+        if grow > 0:
+            mask = _grow(mask, grow)
+        voxels = torch.nonzero(mask)
+        if len(voxels) == 0:
+            raise ValueError("the fixed lung mask is empty on the registration grid.")
+        self.voxels = voxels
+        self.points = voxels.float() * self.spacing
+        self.fixed = fixed_features[0, :, voxels[:, 0], voxels[:, 1], voxels[:, 2]].T.contiguous()
+        self.size = torch.tensor(self.moving.shape[2:], dtype=torch.float32) - 1
+
+    def at_points(self, fields: Sequence[BSplineField]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum of ``fields`` ``(M, 3)`` and its gradient ``(M, 3, 3)`` at the sample points."""
+        u, grad = torch.zeros(len(self.points), 3), torch.zeros(len(self.points), 3, 3)
+        index = tuple(self.voxels.T)
+        for field in fields:
+            u += field.on_grid(self.grid.shape, self.spacing)[index]
+            for axis in range(3):
+                grad[:, :, axis] += field.on_grid(self.grid.shape, self.spacing, derivative=axis)[index]
+        return u, grad
+
+    def moving_at(self, q: torch.Tensor) -> torch.Tensor:
+        """Moving features ``(N, 12)`` at box points ``q (N, 3)`` mm (trilinear, border values outside)."""
+        voxels = q / self.spacing + self.reach
+        grid = (2.0 * voxels / self.size - 1.0).flip(-1).reshape(1, -1, 1, 1, 3)
+        sampled = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return sampled.reshape(self.moving.shape[1], -1).T
+
+
+def _shift(voxels: float) -> torch.Tensor:
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[:3, 3] = float(voxels)
+    return matrix
+
+
+def _determinant(grad: torch.Tensor) -> torch.Tensor:
+    """``det(I + grad)`` for ``grad (N, 3, 3)`` (cofactor expansion: cheaper than a batched LU here)."""
+    g = grad + torch.eye(3, dtype=grad.dtype)
+    return (
+        g[:, 0, 0] * (g[:, 1, 1] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 1])
+        - g[:, 0, 1] * (g[:, 1, 0] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 0])
+        + g[:, 0, 2] * (g[:, 1, 0] * g[:, 2, 1] - g[:, 1, 1] * g[:, 2, 0])
+    )
+
+
+# ---------------------------------------------------------------------------------------------- optimiser
+
+
+class _RunningMean:
+    """An exponential running mean of the loss, and whether it stopped improving."""
+
+    def __init__(self, tolerance: float, patience: int) -> None:
+        self.tolerance, self.patience = tolerance, patience
+        self.values: list[float] = []
+        self.mean: float | None = None
+
+    def add(self, value: float) -> bool:
+        """Record one loss; True when the running mean has improved by less than the tolerance."""
+        self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
+        self.values.append(self.mean)
+        if len(self.values) <= 2 * self.patience:
+            return False
+        before = self.values[-self.patience - 1]
+        return before - self.mean < self.tolerance * abs(before)
+
+
+def register_deformable(
+    fixed: torch.Tensor,
+    fixed_affine,
+    moving: torch.Tensor,
+    moving_affine,
+    prealign: torch.Tensor,
+    fixed_mask: torch.Tensor,
+    box: Grid,
+    settings: DeformableSettings | None = None,
+    progress: Callable[[int], None] | None = None,
+    seed: int = 0,
+) -> tuple[Grid, torch.Tensor, list[LevelReport]]:
+    """The displacement registering ``moving`` to ``fixed`` over the fixed lung ``box``.
+
+    Args:
+        fixed, moving: CT ``(I, J, K)`` in HU; ``fixed_affine``, ``moving_affine`` their voxel -> RAS mm.
+        prealign: ``(4, 4)`` world affine fixed -> moving (the pre-alignment ``A``).
+        fixed_mask: ``(I, J, K)`` bool lungs of ``fixed``.
+        box: a grid over the fixed lung box (its sampling is irrelevant: each level resamples the box).
+        progress: called with the number of steps just taken (a progress bar's ``update``).
+        seed: draws the sample points; same inputs and seed, same field.
+
+    Returns:
+        ``(grid, u, reports)``: the finest level's grid, ``u (3, I, J, K)`` float32 in its voxels (the moving
+        point of the grid's voxel ``x`` is ``A(x + U(x))``), and one :class:`LevelReport` per level.
+    """
+    settings = settings or DeformableSettings()
+    settings.check()
+    fixed_affine, moving_affine, prealign = to_matrix(fixed_affine), to_matrix(moving_affine), to_matrix(prealign)
+    extent = ((torch.tensor(box.shape, dtype=torch.float64) - 1) * box.spacing).tolist()
+    spacings = list(settings.levels_mm)
+    if spacings[-1] is None:
+        spacings[-1] = finest_spacing(box, [fixed_affine[:3, :3].norm(dim=0), moving_affine[:3, :3].norm(dim=0)],
+                                      settings.max_voxels)  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    fields: list[BSplineField] = []
+    reports: list[LevelReport] = []
+    grid = box
+    for spacing, control, max_steps, rate in zip(
+        spacings, settings.control_mm, settings.max_steps, settings.learning_rate, strict=True
+    ):
+        start = time.perf_counter()
+        grid = box.with_spacing(float(spacing))
+        level = _Level(grid, fixed, fixed_affine, moving, moving_affine, prealign, fixed_mask, settings)
+        base_u, base_grad = level.at_points(fields)  # the coarser levels' field: fixed from now on
+        field = BSplineField(extent, float(control))
+        optimizer = torch.optim.Adam(field.parameters(), lr=float(rate))
+        running = _RunningMean(settings.tolerance, settings.patience)
+        first = None
+        steps = 0
+        count = len(level.points)
+        setup = time.perf_counter() - start
+        with torch.enable_grad():
+            while steps < int(max_steps):
+                steps += 1
+                pick = torch.randint(count, (min(settings.samples, count),), generator=generator)
+                q = level.points[pick]
+                similarity = (level.moving_at(q + field(q) + base_u[pick]) - level.fixed[pick]).square().mean()
+                loss = similarity + settings.smoothness * field.roughness()
+                if settings.folding > 0:  # the Jacobian at fewer points: the field is smooth
+                    pick = torch.randint(count, (min(settings.jacobian_samples, count),), generator=generator)
+                    _, grad = field(level.points[pick], gradient=True)
+                    determinant = _determinant(grad + base_grad[pick])
+                    loss = loss + settings.folding * F.relu(settings.min_jacobian - determinant).square().mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                first = value if first is None else first
+                if progress is not None:
+                    progress(1)
+                if running.add(value):
+                    break
+        field.requires_grad_(False)
+        fields.append(field)
+        seconds = time.perf_counter() - start - setup
+        report = LevelReport(
+            float(spacing), tuple(grid.shape), float(control), steps, first, running.mean, setup, seconds
+        )
+        reports.append(report)
+    spacing = grid.spacing.float()
+    u = sum(f.on_grid(grid.shape, spacing) for f in fields)  # (I, J, K, 3) mm
+    return grid, torch.movedim(u / spacing, -1, 0).contiguous(), reports
