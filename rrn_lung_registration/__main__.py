@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import logging
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import fire
 
-from rrn_lung_registration.pipeline import RegistrationSettings, apply_displacement_field, register_files
+from rrn_lung_registration.pipeline import RegistrationSettings, apply_displacement_field, register_files, summary_line
 
 __all__ = ["check_options", "main", "register", "warp"]
 
@@ -53,11 +53,12 @@ def register(
         fixed_landmarks, moving_landmarks: corresponding landmark files (CSV in LPS mm, DIR-Lab text,
             elastix point sets) for the TRE report.
         weights: trained RRN weights (bundle checkpoint or state dict); without them the pair is
-            registered by instance optimisation alone.
-        grid_size: network grid size (a multiple of 16).
+            registered by the deformable optimisation (multi-level B-spline on MIND-SSC features).
+        grid_size: the network's grid size with weights (a multiple of 16).
         margin_mm: margin around the fixed lungs' box.
         prealign: "affine", "rigid" or "none".
-        instance_steps: optimisation steps per level (default: 100 without weights, 0 with).
+        instance_steps: without weights, at most this many optimisation steps per level (default: until
+            converged; 0: pre-alignment only); with weights, instance-optimisation steps (default 0).
         instance_mode: "field" (optimise the field) or "network" (fine-tune the weights).
         device: "cpu" or "cuda" (default: CUDA when available).
         overwrite: replace the earlier outputs in OUTPUT (the whole set: no earlier file survives).
@@ -71,9 +72,11 @@ def register(
         instance_mode=instance_mode,
         device=device,
     )
-    summary = register_files(fixed, moving, output, fixed_landmarks, moving_landmarks, settings, overwrite=overwrite)
-    shown = ("timings_s", "jacobian", "tre_mm", "warnings")
-    print(json.dumps({key: summary[key] for key in shown if key in summary}, indent=2))
+    summary = register_files(
+        fixed, moving, output, fixed_landmarks, moving_landmarks, settings, overwrite=overwrite, progress=True
+    )
+    print(summary_line(summary))
+    print(f"details: {Path(output) / 'registration.json'}")
 
 
 def warp(image: str, field: str, output: str, fill_hu: float = -1000.0) -> None:

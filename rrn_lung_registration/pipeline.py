@@ -51,7 +51,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from rrn_lung_registration.alignment.deformable import DeformableSettings, register_deformable
 from rrn_lung_registration.alignment.instance import finetune_network, optimise_field
 from rrn_lung_registration.alignment.prealign import PrealignSettings, prealign, window_hu
 from rrn_lung_registration.io.ct_io import (
@@ -93,6 +94,7 @@ from rrn_lung_registration.outputs.overview import save_overview
 
 __all__ = [
     "OUTPUT_FILES",
+    "summary_line",
     "LungRegistration",
     "RegistrationResult",
     "RegistrationSettings",
@@ -126,21 +128,27 @@ class RegistrationSettings:
     """Every choice of :class:`LungRegistration`, paper values by default.
 
     Attributes:
-        grid_size: network grid, one size or ``(I, J, K)``; each a multiple of 16 for the RRN.
-        margin_mm: margin around the fixed lung box that the grid covers.
-        hu_window: HU clipped and scaled to ``[0, 1]`` for the network and the losses.
+        grid_size: the network's grid (with weights), one size or ``(I, J, K)``; each a multiple of 16.
+        margin_mm: margin around the fixed lung box that the registration covers.
+        hu_window: HU clipped and scaled to ``[0, 1]`` for the network and its losses.
         prealign: ``"affine"`` (rigid, then affine), ``"rigid"`` or ``"none"``.
         prealign_iterations: Adam steps per pre-alignment level and stage.
+        prealign_spacings_mm: sample spacing of each pre-alignment level (the deformable registration's
+            coarse levels take over from there).
+        deformable: keyword arguments of
+            :class:`~rrn_lung_registration.alignment.deformable.DeformableSettings`, the registration
+            without weights (multi-level B-spline on MIND-SSC features, grids of physical spacing).
         weights: trained RRN weights (a state dict, or a bundle checkpoint holding ``"network"``); ``None``
-            registers by instance optimisation alone.
+            registers by the deformable optimisation alone.
         network: keyword arguments of :class:`~rrn_lung_registration.networks.RRN` (must match the weights).
-        instance_steps: instance-optimisation steps per level; ``None`` means 100 without weights and 0
-            (the network's field as is) with weights.
-        instance_mode: ``"field"`` optimises the field itself (from the network's field when there are
-            weights); ``"network"`` fine-tunes the network's weights on the pair (needs weights).
-        instance_factors: image block-averaging factors of the field-optimisation levels, coarse to fine.
+        instance_steps: without weights, at most this many steps per level of the deformable optimisation
+            (``None``: until converged; 0: none, the pre-alignment alone); with weights, the
+            instance-optimisation steps per level after the network (``None``: 0, the network's field as is).
+        instance_mode: with weights, ``"field"`` optimises the network's field; ``"network"`` fine-tunes the
+            network's weights on the pair.
+        instance_factors: with weights, image block-averaging factors of the field-optimisation levels.
         loss: the registration loss preset of the network fine-tuning (``"paper"`` or ``"released_code"``).
-        field_loss: keyword arguments of the field optimisation's
+        field_loss: with weights, keyword arguments of the field optimisation's
             :class:`~rrn_lung_registration.losses.RegistrationLoss`.
         fill_hu: value of points mapped outside the moving image (air).
         device: ``"cpu"``, ``"cuda"``...; ``None`` picks CUDA when available.
@@ -150,7 +158,9 @@ class RegistrationSettings:
     margin_mm: float = 10.0
     hu_window: tuple[float, float] = (-1000.0, -100.0)
     prealign: Literal["affine", "rigid", "none"] = "affine"
-    prealign_iterations: int = 60
+    prealign_iterations: int | Sequence[int] = 80
+    prealign_spacings_mm: Sequence[float] = (8.0,)
+    deformable: dict = field(default_factory=dict)
     weights: str | None = None
     network: dict = field(default_factory=dict)
     instance_steps: int | None = None
@@ -189,6 +199,17 @@ class RegistrationSettings:
                 raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if self.margin_mm < 0:
             raise ValueError(f"margin_mm must be 0 or more, got {self.margin_mm!r}.")
+        try:
+            self.deformable_settings().check()
+        except TypeError as error:
+            raise ValueError(f"deformable: {_one_line(error)}") from None
+
+    def deformable_settings(self) -> DeformableSettings:
+        """The deformable optimisation's settings, ``instance_steps`` capping its steps per level."""
+        chosen = DeformableSettings(**self.deformable)
+        if self.instance_steps is not None:
+            chosen.max_steps = [min(int(n), int(self.instance_steps)) for n in chosen.max_steps]
+        return chosen
 
 
 @dataclass
@@ -198,8 +219,10 @@ class RegistrationResult:
     Attributes:
         transform: fixed RAS mm -> moving RAS mm.
         fixed_mask, moving_mask: lung masks ``(I, J, K)`` bool on each image's grid.
-        grid_images: ``fixed``, ``moving`` (no pre-alignment), ``warped`` on the network grid, in HU.
+        grid_images: ``fixed``, ``moving`` (no pre-alignment), ``warped`` on the transform's grid, in HU.
         timings: seconds per stage.
+        levels: without weights, one
+            :class:`~rrn_lung_registration.alignment.deformable.LevelReport` per level of the optimisation.
     """
 
     transform: RegistrationTransform
@@ -207,6 +230,7 @@ class RegistrationResult:
     moving_mask: np.ndarray
     grid_images: dict[str, torch.Tensor]
     timings: dict[str, float]
+    levels: list = field(default_factory=list)
 
 
 def _source(image: torch.Tensor, default: str) -> str:
@@ -287,41 +311,56 @@ class LungRegistration:
             ) from None
         return network.to(self.device).eval()
 
-    def register(self, fixed: MetaTensor, moving: MetaTensor) -> RegistrationResult:
+    def register(self, fixed: MetaTensor, moving: MetaTensor, progress: bool = False) -> RegistrationResult:
+        """Register ``moving`` to ``fixed``; ``progress`` shows a progress bar per stage (tqdm)."""
         settings, timings = self.settings, {}
         fixed_source, moving_source = _check_image(fixed, "fixed"), _check_image(moving, "moving")
         fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
         with _timed(timings, "lung_masks"):
             fixed_mask = self._mask(fixed, fixed_grid, fixed_source)
             moving_mask = self._mask(moving, moving_grid, moving_source)
-        with _timed(timings, "prealign"):
+        with _timed(timings, "prealign"), _bar(progress, "pre-alignment", "step") as bar:
             prealign_settings = PrealignSettings(
-                mode=settings.prealign, iterations=settings.prealign_iterations, hu_window=settings.hu_window
+                mode=settings.prealign,
+                spacings_mm=tuple(settings.prealign_spacings_mm),
+                iterations=settings.prealign_iterations,
+                hu_window=settings.hu_window,
             )
             matrix = prealign(
                 fixed.as_tensor(), fixed_grid.affine, moving.as_tensor(), moving_grid.affine,
-                torch.from_numpy(fixed_mask), torch.from_numpy(moving_mask), prealign_settings,
+                torch.from_numpy(fixed_mask), torch.from_numpy(moving_mask), prealign_settings, progress=bar,
             )  # fmt: skip
-        with _timed(timings, "resample"):
-            box = lung_bounding_box(fixed_mask, fixed_grid.spacing.tolist(), settings.margin_mm)
-            grid = fixed_grid.box([s.start for s in box], [s.stop for s in box], settings.grid_shape())
-            points = grid.points()
-            identity = RegistrationTransform(matrix, grid, torch.zeros(3, *grid.shape))
-            fixed_hu = sample_world(fixed.as_tensor(), fixed_grid.affine, points, fill=settings.fill_hu)
-            aligned_hu = sample_world(
-                moving.as_tensor(), moving_grid.affine, identity.map_points(points).float(), fill=settings.fill_hu
-            )
-        with _timed(timings, "deformable"):
-            ddf = self._displacement(fixed_hu, aligned_hu, timings)
+        box = lung_bounding_box(fixed_mask, fixed_grid.spacing.tolist(), settings.margin_mm)
+        starts, stops = [s.start for s in box], [s.stop for s in box]
+        lung_box = fixed_grid.box(starts, stops, [b - a for a, b in zip(starts, stops, strict=True)])
+        levels = []
+        if self.network is None:
+            with _timed(timings, "deformable"), _bar(progress, "deformable", "step") as bar:
+                grid, ddf, levels = register_deformable(
+                    fixed.as_tensor(), fixed_grid.affine, moving.as_tensor(), moving_grid.affine, matrix,
+                    torch.from_numpy(fixed_mask), lung_box, settings.deformable_settings(), progress=bar,
+                )  # fmt: skip
+        else:
+            with _timed(timings, "resample"):
+                grid = fixed_grid.box(starts, stops, settings.grid_shape())
+                identity = RegistrationTransform(matrix, grid, torch.zeros(3, *grid.shape))
+                points = grid.points()
+                fixed_hu = sample_world(fixed.as_tensor(), fixed_grid.affine, points, fill=settings.fill_hu)
+                aligned_hu = sample_world(
+                    moving.as_tensor(), moving_grid.affine, identity.map_points(points).float(), fill=settings.fill_hu
+                )
+            with _timed(timings, "network_and_instance"):
+                ddf = self._network_displacement(fixed_hu, aligned_hu, timings)
         transform = RegistrationTransform(matrix, grid, ddf)
         with _timed(timings, "resample_for_overview"):
+            points = grid.points()
             moved = transform.map_points(points).float()
             grid_images = {
-                "fixed": fixed_hu,
+                "fixed": sample_world(fixed.as_tensor(), fixed_grid.affine, points, fill=settings.fill_hu),
                 "moving": sample_world(moving.as_tensor(), moving_grid.affine, points, fill=settings.fill_hu),
                 "warped": sample_world(moving.as_tensor(), moving_grid.affine, moved, fill=settings.fill_hu),
             }
-        return RegistrationResult(transform, fixed_mask, moving_mask, grid_images, timings)
+        return RegistrationResult(transform, fixed_mask, moving_mask, grid_images, timings, levels)
 
     def _mask(self, image: MetaTensor, grid: Grid, source: str) -> np.ndarray:
         return lung_mask(
@@ -334,18 +373,11 @@ class LungRegistration:
     def _scaled(self, hu: torch.Tensor) -> torch.Tensor:
         return window_hu(hu, *self.settings.hu_window)[None, None].to(self.device)
 
-    def _displacement(self, fixed_hu: torch.Tensor, moving_hu: torch.Tensor, timings: dict) -> torch.Tensor:
-        """``u`` ``(3, *grid)`` in grid voxels registering the pre-aligned moving image to the fixed one."""
+    def _network_displacement(self, fixed_hu: torch.Tensor, moving_hu: torch.Tensor, timings: dict) -> torch.Tensor:
+        """``u`` ``(3, *grid)`` in grid voxels from the network (then instance optimisation, if asked)."""
         settings = self.settings
         fixed, moving = self._scaled(fixed_hu), self._scaled(moving_hu)
-        steps = settings.instance_steps
-        if self.network is None:
-            steps = 100 if steps is None else steps
-            with _timed(timings, "instance_optimisation"):
-                return optimise_field(
-                    fixed, moving, None, RegistrationLoss(**settings.field_loss), steps, settings.instance_factors
-                )[0].cpu()
-        steps = 0 if steps is None else steps
+        steps = 0 if settings.instance_steps is None else settings.instance_steps
         with _timed(timings, "network"), torch.no_grad():
             ddf = self.network(moving, fixed).float()
         if steps and settings.instance_mode == "network":
@@ -359,6 +391,18 @@ class LungRegistration:
                 loss = RegistrationLoss(**settings.field_loss)
                 ddf = optimise_field(fixed, moving, ddf, loss, steps, settings.instance_factors)
         return ddf[0].cpu()
+
+
+@contextlib.contextmanager
+def _bar(show: bool, description: str, unit: str) -> Iterator[Callable[[int], object] | None]:
+    """A tqdm progress bar's ``update`` for one stage (``None`` when not shown)."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=description, unit=unit, leave=False, dynamic_ncols=True, disable=None) as bar:
+        yield bar.update
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -400,23 +444,42 @@ def _snap(points_lps: np.ndarray, grid: Grid) -> np.ndarray:
 
 
 def _write_itk_affine(path: Path, matrix: torch.Tensor) -> None:
-    """The RAS world affine ``matrix`` as an ITK ``AffineTransform`` file (LPS, fixed -> moving points)."""
-    import itk
+    """The RAS world affine ``matrix`` as an ITK ``AffineTransform`` file (LPS, fixed -> moving points).
 
+    Written as ITK's text transform format ("Insight Transform File V1.0": the 3 x 3 matrix row by row, the
+    translation, and the centre 0 as fixed parameters), which ITK, elastix and 3D Slicer read; writing it
+    through ITK itself costs seconds of module loading.
+    """
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     lps = flip @ matrix.numpy() @ flip
-    transform = itk.AffineTransform[itk.D, 3].New()
-    transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3])))
-    transform.SetTranslation([float(v) for v in lps[:3, 3]])
-    itk.transformwrite([transform], str(path))
+    parameters = [*lps[:3, :3].reshape(-1), *lps[:3, 3]]
+    text = (
+        "#Insight Transform File V1.0\n"
+        "#Transform 0\n"
+        "Transform: AffineTransform_double_3_3\n"
+        f"Parameters: {' '.join(repr(float(v)) for v in parameters)}\n"
+        "FixedParameters: 0 0 0\n"
+    )
+    path.write_text(text)
 
 
-def _warp_on(moving: MetaTensor, transform: RegistrationTransform, grid: Grid, fill: float) -> torch.Tensor:
-    out = torch.empty(grid.shape, dtype=torch.float32)
+def _resampled_outputs(
+    moving: MetaTensor, transform: RegistrationTransform, grid: Grid, fill: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On ``grid``, in one pass over its slabs: the moving image through ``phi`` ``(I, J, K)``, the ITK
+    displacement ``phi(p) - p`` in LPS mm ``(I, J, K, 3)`` and ``det D phi`` ``(I, J, K)`` (float32)."""
+    warped = torch.empty(grid.shape, dtype=torch.float32)
+    displacement = torch.empty(*grid.shape, 3, dtype=torch.float32)
+    jacobian = torch.empty(grid.shape, dtype=torch.float32)
+    determinant = transform.jacobian_on_grid()
+    lps = torch.as_tensor(_LPS)
     for k0, k1 in grid.slabs():
-        moved = transform.map_points(grid.points(torch.float64, (k0, k1))).float()
-        out[:, :, k0:k1] = sample_world(moving.as_tensor(), moving.affine, moved, fill=fill)
-    return out
+        points = grid.points(torch.float64, (k0, k1))
+        mapped = transform.map_points(points)
+        warped[:, :, k0:k1] = sample_world(moving.as_tensor(), moving.affine, mapped.float(), fill=fill)
+        displacement[:, :, k0:k1] = ((mapped - points) @ lps).float()
+        jacobian[:, :, k0:k1] = sample_voxels(determinant, transform.grid.world_to_voxel(points).float())
+    return warped, displacement, jacobian
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
@@ -443,6 +506,7 @@ def write_outputs(
     moving_landmarks: np.ndarray | None = None,
     settings: RegistrationSettings | None = None,
     input_warnings: Sequence[str] = (),
+    started: float | None = None,
 ) -> dict[str, Path]:
     """Write the outputs listed in the module notes into ``output``; returns ``{name: path}``.
 
@@ -451,6 +515,7 @@ def write_outputs(
     of killed runs are removed. ``registration.json`` lists under ``"warnings"`` the ``input_warnings`` and
     a mean Jacobian determinant in the lungs outside
     :data:`~rrn_lung_registration.io.preflight.JACOBIAN_MEAN_RANGE` (also logged as a warning).
+    ``started`` (a ``time.perf_counter()`` value) adds the seconds since then as ``timings_s.total``.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -460,6 +525,7 @@ def write_outputs(
     summary: dict = {
         "settings": asdict(settings) if settings else None,
         "timings_s": dict(result.timings),
+        "deformable_levels": [asdict(level) for level in result.levels],
         "warnings": list(input_warnings),
     }
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=output))
@@ -471,12 +537,11 @@ def write_outputs(
             return staging / name
 
         start = time.perf_counter()
-        warped = _warp_on(moving, transform, fixed_grid, settings.fill_hu if settings else -1000.0)
+        fill = settings.fill_hu if settings else -1000.0
+        warped, displacement, jacobian = _resampled_outputs(moving, transform, fixed_grid, fill)
         write_image(target("warped_moving.nii.gz"), warped, fixed_grid.affine)
-        write_displacement_field(
-            target("displacement_field.nii.gz"), transform.itk_displacement(fixed_grid), fixed_grid.affine
-        )
-        write_image(target("jacobian_determinant.nii.gz"), transform.jacobian_on(fixed_grid), fixed_grid.affine)
+        write_displacement_field(target("displacement_field.nii.gz"), displacement, fixed_grid.affine)
+        write_image(target("jacobian_determinant.nii.gz"), jacobian, fixed_grid.affine)
         write_image(target("fixed_lung_mask.nii.gz"), result.fixed_mask.astype(np.uint8), fixed_grid.affine)
         _write_itk_affine(target("prealign.tfm"), transform.prealign)
         summary["jacobian"] = _jacobian_summary(transform, result.fixed_mask, fixed_grid)
@@ -489,6 +554,7 @@ def write_outputs(
             target("overview.png"),
             images["fixed"].numpy(), images["moving"].numpy(), images["warped"].numpy(),
             _grid_displacement_voxels(transform), spacing=transform.grid.spacing.tolist(), axis=1,
+            jacobian=transform.jacobian_on_grid().numpy(),
         )  # fmt: skip
         if fixed_landmarks is not None and moving_landmarks is not None:
             errors, warped_points = landmark_report(
@@ -501,6 +567,8 @@ def write_outputs(
             summary["tre_mm"] = {name: summarize_errors(values) for name, values in errors.items()}
             (target("tre_summary.json")).write_text(json.dumps(summary["tre_mm"], indent=2) + "\n")
         summary["timings_s"]["outputs"] = round(time.perf_counter() - start, 3)
+        if started is not None:
+            summary["timings_s"]["total"] = round(time.perf_counter() - started, 3)
         report = target("registration.json")
         summary["files"] = sorted(files)
         report.write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -534,10 +602,37 @@ def _jacobian_summary(transform: RegistrationTransform, fixed_mask: np.ndarray, 
     return {
         "min": float(jacobian.min()),
         "max": float(jacobian.max()),
+        "min_in_lungs": float(lung.min()) if lung.numel() else None,
+        "max_in_lungs": float(lung.max()) if lung.numel() else None,
+        "std_in_lungs": float(lung.std()) if lung.numel() > 1 else None,
         "mean_in_lungs": float(lung.mean()) if lung.numel() else None,
         "folding_percent": float((jacobian <= 0).float().mean() * 100),
         "folding_percent_in_lungs": float((lung <= 0).float().mean() * 100) if lung.numel() else None,
     }
+
+
+def summary_line(summary: dict) -> str:
+    """One line from a ``registration.json`` summary: seconds, TRE (with landmarks), Jacobian in the lungs."""
+    parts = []
+    total = summary.get("timings_s", {}).get("total")
+    if total is not None:
+        parts.append(f"registered in {total:.1f} s")
+    tre = summary.get("tre_mm")
+    if tre:
+        after, before, prealigned = tre["after"], tre["before"], tre["prealign"]
+        parts.append(
+            f"TRE {after['mean']:.2f} mm mean, {after['median']:.2f} median, {after['max']:.2f} max "
+            f"({after['count']} landmarks; {before['mean']:.1f} before, {prealigned['mean']:.2f} after pre-alignment)"
+        )
+    jacobian = summary.get("jacobian") or {}
+    if jacobian.get("min_in_lungs") is not None:
+        folding = jacobian["folding_percent_in_lungs"]
+        state = "no folding" if folding == 0 else f"FOLDING in {folding:.3f} % of the lungs"
+        parts.append(
+            f"Jacobian in the lungs {jacobian['min_in_lungs']:.2f} to {jacobian['max_in_lungs']:.2f} ({state})"
+        )
+    parts.extend(f"warning: {w}" for w in summary.get("warnings", []))
+    return "; ".join(parts)
 
 
 def register_files(
@@ -548,6 +643,7 @@ def register_files(
     moving_landmarks: str | os.PathLike | None = None,
     settings: RegistrationSettings | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Read a pair of CT files (and landmark files), register, write the outputs; returns the summary.
 
@@ -560,6 +656,7 @@ def register_files(
     Args:
         overwrite: replace the outputs of an earlier registration in ``output`` (the whole set); without it
             such a folder is refused.
+        progress: show a progress bar per stage (tqdm).
 
     Raises:
         FileExistsError: ``output`` holds an earlier registration's outputs and ``overwrite`` is false.
@@ -568,6 +665,7 @@ def register_files(
     """
     from rrn_lung_registration.io.landmarks import read_landmark_pair
 
+    started = time.perf_counter()
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ValueError("give both fixed_landmarks and moving_landmarks, or neither.")
     settings = settings or RegistrationSettings()
@@ -589,9 +687,16 @@ def register_files(
                 logger.warning(note)
                 notes.append(note)
     remove_stale_staging(output)
-    result = registration.register(fixed_image, moving_image)
+    result = registration.register(fixed_image, moving_image, progress=progress)
     write_outputs(
-        result, fixed_image, moving_image, output, *(points or (None, None)), settings=settings, input_warnings=notes
+        result,
+        fixed_image,
+        moving_image,
+        output,
+        *(points or (None, None)),
+        settings=settings,
+        input_warnings=notes,
+        started=started,
     )
     return json.loads((output / "registration.json").read_text())
 

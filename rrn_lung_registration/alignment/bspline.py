@@ -81,7 +81,7 @@ class BSplineField(torch.nn.Module):
         ``[n, a, b] = d u_a / d q_b``."""
         index, weights = self._support(points, gradient)
         values = self.coefficients.reshape(-1, 3)[index]  # (N, 64, 3)
-        out = torch.bmm(weights.transpose(1, 2), values)  # (N, W, 3)
+        out = torch.stack([(weights[:, :, w, None] * values).sum(dim=1) for w in range(weights.shape[2])], dim=1)
         if not gradient:
             return out[:, 0]
         return out[:, 0], out[:, 1:].transpose(1, 2)

@@ -23,8 +23,9 @@ construction. Each level:
    does): the mean squared MIND difference + ``smoothness`` * the roughness of the level's coefficients +
    ``folding`` * the mean of ``relu(min_jacobian - det(I + grad u))^2`` (keeps ``det J > 0``, from the exact
    B-spline gradient);
-4. stops when the loss (a running mean) has improved by less than ``tolerance`` (relative) over
-   ``patience`` steps, or after ``max_steps``.
+4. halves the learning rate whenever the loss (a running mean) stops improving, and stops at the
+   ``decays + 1``-th such plateau (converged) or after ``max_steps``: the last steps are small, so the
+   sampling noise of the gradient does not stay in the field.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from rrn_lung_registration.alignment.bspline import BSplineField
+from rrn_lung_registration.alignment.threads import few_threads
 from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_world, to_matrix
 
 __all__ = ["DeformableSettings", "LevelReport", "mind_ssc", "register_deformable"]
@@ -48,8 +50,9 @@ class DeformableSettings:
     """Settings of :func:`register_deformable` (one value per level where a sequence).
 
     Attributes:
-        levels_mm: image sample spacing of each level, coarse to fine; ``None`` as the last entry means the
-            finest spacing the images and ``max_voxels`` allow (see :func:`finest_spacing`).
+        levels_mm: image sample spacing of each level, coarse to fine; ``None`` (the last entry) means the
+            finest spacing the images and ``max_voxels`` allow (:func:`finest_spacing`), and no level is
+            finer than that.
         control_mm: B-spline control point spacing of each level.
         max_steps: Adam steps at most.
         learning_rate: Adam step (mm) of each level.
@@ -62,15 +65,16 @@ class DeformableSettings:
         reach_mm: the moving image is sampled this far beyond the fixed box.
         hu_window: HU clipped to this range before the features.
         max_voxels: largest level grid (voxels) the finest automatic spacing may make.
-        tolerance, patience: stop when the running mean of the loss improved by less than ``tolerance``
-            (relative) over ``patience`` steps.
+        tolerance, patience, decays: a plateau is less than ``tolerance`` relative improvement of the loss
+            (a running mean) over ``patience`` steps; each plateau halves the learning rate, and the
+            ``decays + 1``-th ends the level (few decays on the coarse levels: the next level goes on).
     """
 
     levels_mm: Sequence[float | None] = (6.0, 3.0, None)
     control_mm: Sequence[float] = (24.0, 12.0, 8.0)
-    max_steps: Sequence[int] = (200, 200, 200)
+    max_steps: Sequence[int] = (300, 300, 300)
     learning_rate: Sequence[float] = (1.0, 0.5, 0.25)
-    samples: int = 8192
+    samples: Sequence[int] = (2048, 2048, 4096)
     jacobian_samples: int = 2048
     smoothness: float = 0.05
     folding: float = 10.0
@@ -80,11 +84,12 @@ class DeformableSettings:
     hu_window: tuple[float, float] = (-1000.0, 0.0)
     max_voxels: int = 4_000_000
     tolerance: float = 1e-3
-    patience: int = 25
+    patience: int = 20
+    decays: Sequence[int] = (1, 1, 3)
 
     def check(self) -> None:
         n = len(self.levels_mm)
-        for name in ("control_mm", "max_steps", "learning_rate"):
+        for name in ("control_mm", "max_steps", "learning_rate", "samples", "decays"):
             if len(getattr(self, name)) != n:
                 raise ValueError(
                     f"{name} needs one value per level {tuple(self.levels_mm)}, got {getattr(self, name)!r}."
@@ -279,22 +284,31 @@ def _determinant(grad: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- optimiser
 
 
-class _RunningMean:
-    """An exponential running mean of the loss, and whether it stopped improving."""
+class _Plateau:
+    """A running mean of the loss; on a plateau (less than ``tolerance`` relative improvement over ``patience``
+    steps) the learning rate is halved, and after ``decays`` halvings the level has converged."""
 
-    def __init__(self, tolerance: float, patience: int) -> None:
-        self.tolerance, self.patience = tolerance, patience
-        self.values: list[float] = []
+    def __init__(self, optimizer: torch.optim.Optimizer, tolerance: float, patience: int, decays: int) -> None:
+        self.optimizer, self.tolerance, self.patience, self.decays = optimizer, tolerance, patience, decays
+        self.means: list[float] = []
         self.mean: float | None = None
+        self.halvings = 0
 
-    def add(self, value: float) -> bool:
-        """Record one loss; True when the running mean has improved by less than the tolerance."""
+    def converged(self, value: float) -> bool:
         self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
-        self.values.append(self.mean)
-        if len(self.values) <= 2 * self.patience:
+        self.means.append(self.mean)
+        if len(self.means) <= self.patience + 10:  # the running mean needs a few steps to settle
             return False
-        before = self.values[-self.patience - 1]
-        return before - self.mean < self.tolerance * abs(before)
+        before = self.means[-self.patience - 1]
+        if before - self.mean >= self.tolerance * abs(before):
+            return False
+        if self.halvings == self.decays:
+            return True
+        self.halvings += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] *= 0.5
+        self.means = self.means[-1:]
+        return False
 
 
 def register_deformable(
@@ -306,7 +320,7 @@ def register_deformable(
     fixed_mask: torch.Tensor,
     box: Grid,
     settings: DeformableSettings | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     seed: int = 0,
 ) -> tuple[Grid, torch.Tensor, list[LevelReport]]:
     """The displacement registering ``moving`` to ``fixed`` over the fixed lung ``box``.
@@ -327,32 +341,39 @@ def register_deformable(
     settings.check()
     fixed_affine, moving_affine, prealign = to_matrix(fixed_affine), to_matrix(moving_affine), to_matrix(prealign)
     extent = ((torch.tensor(box.shape, dtype=torch.float64) - 1) * box.spacing).tolist()
-    spacings = list(settings.levels_mm)
-    if spacings[-1] is None:
-        spacings[-1] = finest_spacing(box, [fixed_affine[:3, :3].norm(dim=0), moving_affine[:3, :3].norm(dim=0)],
-                                      settings.max_voxels)  # fmt: skip
+    image_spacings = [fixed_affine[:3, :3].norm(dim=0), moving_affine[:3, :3].norm(dim=0)]
+    finest = finest_spacing(box, image_spacings, settings.max_voxels)
+    spacings = [finest if s is None else max(float(s), finest) for s in settings.levels_mm]
     generator = torch.Generator().manual_seed(seed)
     fields: list[BSplineField] = []
     reports: list[LevelReport] = []
     grid = box
-    for spacing, control, max_steps, rate in zip(
-        spacings, settings.control_mm, settings.max_steps, settings.learning_rate, strict=True
+    for spacing, control, max_steps, rate, samples, decays in zip(
+        spacings,
+        settings.control_mm,
+        settings.max_steps,
+        settings.learning_rate,
+        settings.samples,
+        settings.decays,
+        strict=True,
     ):
         start = time.perf_counter()
         grid = box.with_spacing(float(spacing))
+        if int(max_steps) == 0:  # nothing to optimise on this level
+            continue
         level = _Level(grid, fixed, fixed_affine, moving, moving_affine, prealign, fixed_mask, settings)
         base_u, base_grad = level.at_points(fields)  # the coarser levels' field: fixed from now on
         field = BSplineField(extent, float(control))
         optimizer = torch.optim.Adam(field.parameters(), lr=float(rate))
-        running = _RunningMean(settings.tolerance, settings.patience)
+        running = _Plateau(optimizer, settings.tolerance, settings.patience, int(decays))
         first = None
         steps = 0
         count = len(level.points)
         setup = time.perf_counter() - start
-        with torch.enable_grad():
+        with torch.enable_grad(), few_threads():
             while steps < int(max_steps):
                 steps += 1
-                pick = torch.randint(count, (min(settings.samples, count),), generator=generator)
+                pick = torch.randint(count, (min(int(samples), count),), generator=generator)
                 q = level.points[pick]
                 similarity = (level.moving_at(q + field(q) + base_u[pick]) - level.fixed[pick]).square().mean()
                 loss = similarity + settings.smoothness * field.roughness()
@@ -368,7 +389,7 @@ def register_deformable(
                 first = value if first is None else first
                 if progress is not None:
                     progress(1)
-                if running.add(value):
+                if running.converged(value):
                     break
         field.requires_grad_(False)
         fields.append(field)
@@ -378,5 +399,5 @@ def register_deformable(
         )
         reports.append(report)
     spacing = grid.spacing.float()
-    u = sum(f.on_grid(grid.shape, spacing) for f in fields)  # (I, J, K, 3) mm
+    u = sum((f.on_grid(grid.shape, spacing) for f in fields), torch.zeros(*grid.shape, 3))  # (I, J, K, 3) mm
     return grid, torch.movedim(u / spacing, -1, 0).contiguous(), reports

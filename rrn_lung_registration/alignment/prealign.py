@@ -15,13 +15,14 @@ gradient descent on coarse copies of the two scans:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from rrn_lung_registration.alignment.threads import few_threads
 from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_world, to_matrix
 from rrn_lung_registration.losses import LocalNCCLoss
 
@@ -45,8 +46,8 @@ class PrealignSettings:
     """
 
     mode: Mode = "affine"
-    spacings_mm: Sequence[float] = (8.0, 4.0)
-    iterations: int | Sequence[int] = (80, 40)
+    spacings_mm: Sequence[float] = (8.0,)
+    iterations: int | Sequence[int] = (80,)
     margin_mm: float = 20.0
     hu_window: tuple[float, float] = (-1000.0, -100.0)
     mask_weight: float = 1.0
@@ -124,6 +125,7 @@ def prealign(
     fixed_mask: torch.Tensor,
     moving_mask: torch.Tensor,
     settings: PrealignSettings | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """World affine ``A`` (``(4, 4)`` float64, fixed RAS mm -> moving RAS mm) superimposing the two scans.
 
@@ -132,6 +134,7 @@ def prealign(
         fixed_affine, moving_affine: their voxel -> RAS affines.
         fixed_mask, moving_mask: boolean lung masks on the same grids (non-empty).
         settings: see :class:`PrealignSettings`.
+        progress: called with the number of steps just taken (a progress bar's ``update``).
     """
     settings = settings or PrealignSettings()
     if settings.mode not in ("rigid", "affine", "none"):
@@ -144,11 +147,11 @@ def prealign(
     box = Grid(fixed.shape, fixed_affine).box(start, stop, [b - a for a, b in zip(start, stop, strict=True)])
     similarity = LocalNCCLoss(settings.window)
     stages = ["rigid"] + (["affine"] if settings.mode == "affine" else [])
-    with torch.enable_grad():
+    with torch.enable_grad(), few_threads():
         for spacing, steps in _levels(settings, fixed_affine, moving_affine):
             level = _Level(fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask, box, spacing, settings)
             for stage in stages:
-                _optimise(params, level, similarity, stage, spacing, steps, settings.mask_weight)
+                _optimise(params, level, similarity, stage, spacing, steps, settings.mask_weight, progress)
     return params.matrix().detach()
 
 
@@ -194,7 +197,14 @@ class _Level:
 
 
 def _optimise(
-    params: _AffineParameters, level: _Level, similarity, stage: str, spacing: float, steps: int, mask_weight: float
+    params: _AffineParameters,
+    level: _Level,
+    similarity,
+    stage: str,
+    spacing: float,
+    steps: int,
+    mask_weight: float,
+    progress: Callable[[int], object] | None = None,
 ) -> None:
     groups = [
         {"params": [params.rotation], "lr": 0.01},
@@ -209,3 +219,5 @@ def _optimise(
         level.loss(params.matrix(), similarity, mask_weight).backward()
         optimizer.step()
         schedule.step()
+        if progress is not None:
+            progress(1)

@@ -193,12 +193,13 @@ def landmark_errors(
 
 
 def summarize_errors(errors: Sequence[float] | np.ndarray) -> dict[str, float]:
-    """``{"mean", "std", "p95", "max", "count"}`` of per-landmark errors in mm."""
+    """``{"mean", "median", "std", "p95", "max", "count"}`` of per-landmark errors in mm."""
     errors = np.asarray(errors, dtype=np.float64).reshape(-1)
     if errors.size == 0:
         raise ValueError("no landmark errors to summarise.")
     return {
         "mean": float(errors.mean()),
+        "median": float(np.median(errors)),
         "std": float(errors.std()),
         "p95": float(np.percentile(errors, 95)),
         "max": float(errors.max()),

@@ -35,6 +35,7 @@ from monai.networks.blocks import Warp
 from torch import nn
 
 from shared_ops import LocalCostCorrelation3d, _native
+from shared_ops.architecture import RecordsArchitecture
 
 __all__ = [
     "RRN",
@@ -662,7 +663,7 @@ class DilatedRefiner(nn.Module):
         return field + x
 
 
-class RRN(nn.Module):
+class RRN(RecordsArchitecture, nn.Module):
     """Recursive Refinement Network: ``forward(moving, fixed) -> ddf`` (B, 3, D, H, W) in voxels.
 
     ``forward(pair)`` with one (B, 2 in_channels, D, H, W) tensor, moving channels first and fixed last,
@@ -683,6 +684,10 @@ class RRN(nn.Module):
             field (biases start at zero), so that training starts near the identity transform, as
             VoxelMorph does; PyTorch's default initialisation gives fields of many voxels that make early
             training diverge.
+
+    Every argument but ``field_init_std`` is recorded in the state dict (:mod:`shared_ops.architecture`):
+    weights load only into an RRN built with the same values, otherwise ``load_state_dict`` raises
+    ``ArchitectureMismatchError`` naming each differing argument with both values.
     """
 
     def __init__(
@@ -702,6 +707,20 @@ class RRN(nn.Module):
         field_init_std: float = 1e-5,
     ) -> None:
         super().__init__()
+        self.record_architecture(
+            in_channels=in_channels,
+            pyramid_channels=pyramid_channels,
+            flow_levels=flow_levels,
+            radius=radius,
+            normalize=normalize,
+            use_cost_volume=use_cost_volume,
+            estimator_channels=estimator_channels,
+            refiner_channels=refiner_channels,
+            refiner_dilations=refiner_dilations,
+            pyramid_slope=pyramid_slope,
+            estimator_slope=estimator_slope,
+            cost_slope=cost_slope,
+        )
         flow_levels = tuple(int(level) for level in flow_levels)
         if not flow_levels or list(flow_levels) != sorted(set(flow_levels), reverse=True):
             raise ValueError(f"flow_levels must be distinct pyramid levels from coarse to fine, got {flow_levels}.")

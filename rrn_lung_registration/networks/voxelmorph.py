@@ -8,11 +8,12 @@ from monai.networks.nets import VoxelMorph
 from torch import nn
 
 from rrn_lung_registration.networks.rrn import split_pair
+from shared_ops.architecture import RecordsArchitecture
 
 __all__ = ["VoxelMorphBaseline"]
 
 
-class VoxelMorphBaseline(nn.Module):
+class VoxelMorphBaseline(RecordsArchitecture, nn.Module):
     """``forward(moving, fixed) -> ddf`` (B, 3, D, H, W) in voxels from :class:`monai.networks.nets.VoxelMorph`.
 
     Inputs of any size are padded at the far end of each axis (edge values) to a multiple of
@@ -26,10 +27,13 @@ class VoxelMorphBaseline(nn.Module):
             (0: the U-Net output is the displacement itself).
         half_res: integrate at half resolution, as VoxelMorph's option of the same name.
         size_multiple: padding multiple of the input size.
+
+    The three arguments are recorded in the state dict, as for the RRN (:mod:`shared_ops.architecture`).
     """
 
     def __init__(self, integration_steps: int = 7, half_res: bool = False, size_multiple: int = 8) -> None:
         super().__init__()
+        self.record_architecture(integration_steps=integration_steps, half_res=half_res, size_multiple=size_multiple)
         self.net = VoxelMorph(integration_steps=integration_steps, half_res=half_res)
         self.size_multiple = 2 * size_multiple if half_res else size_multiple
 

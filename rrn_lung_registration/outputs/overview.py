@@ -43,12 +43,14 @@ def save_overview(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     axis: int = 1,
     index: int | None = None,
+    jacobian: np.ndarray | None = None,
 ) -> Path:
     """Write a two-row PNG of one slice (default: the middle one along ``axis``).
 
     Row 1: fixed, moving, warped moving. Row 2: |moving - fixed|, |warped - fixed| (same scale), field
     magnitude in mm, Jacobian determinant (0 -> black, 2 -> white; <= 0 is folding). Intensities are shown
-    on the fixed image's range. Written atomically.
+    on the fixed image's range. Written atomically. ``jacobian`` ``(D, H, W)``: the determinant map when it
+    is already known (otherwise computed from ``ddf``).
     """
     volumes = [np.asarray(v, dtype=np.float64) for v in (fixed, moving, warped)]
     if any(v.shape != volumes[0].shape or v.ndim != 3 for v in volumes) or np.shape(ddf) != (3, *volumes[0].shape):
@@ -63,7 +65,7 @@ def save_overview(
 
     fixed_s, moving_s, warped_s = (cut(v) for v in volumes)
     magnitude = cut(np.linalg.norm(np.asarray(ddf) * np.asarray(spacing, float)[:, None, None, None], axis=0))
-    jacobian = cut(jacobian_determinant(ddf))
+    jacobian = cut(jacobian_determinant(ddf) if jacobian is None else np.asarray(jacobian))
     low, high = float(volumes[0].min()), float(volumes[0].max())
     diff_before, diff_after = np.abs(moving_s - fixed_s), np.abs(warped_s - fixed_s)
     diff_high = float(max(diff_before.max(), 1e-6))

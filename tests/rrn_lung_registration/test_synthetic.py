@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -22,6 +23,8 @@ from rrn_lung_registration.synthetic.breathing import (
     PARENCHYMA_HU,
     SyntheticPair,
     downsample_ct,
+    scanner_pair,
+    sliding_region,
     synthetic_breathing_pair,
     threshold_lung_mask,
     write_pair,
@@ -348,3 +351,76 @@ def test_popi_pair_is_fast_and_its_landmarks_are_in_the_lungs(popi_small):
     fixed_values = _values(pair.fixed, pair.fixed_landmarks)
     moving_values = _values(pair.moving, pair.moving_landmarks)
     assert np.corrcoef(fixed_values, moving_values)[0, 1] > 0.8
+
+
+# ------------------------------------------------------------------------------------ sliding, scanner pairs
+
+
+@pytest.fixture(scope="module")
+def sliding_pair(toy) -> SyntheticPair:
+    image, lungs = toy
+    return synthetic_breathing_pair(image, lungs, n_landmarks=40, sliding=0.7, noise_hu=0.0, seed=2)
+
+
+def test_sliding_lungs_move_more_than_the_chest_wall_beside_them(toy, sliding_pair):
+    """Outside the lung region the superior-inferior breathing keeps 30 % of itself; inside, all of it."""
+    image, lungs = toy
+    plain = synthetic_breathing_pair(image, lungs, n_landmarks=40, noise_hu=0.0, seed=2)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=np.float64)
+    region = sliding_region(lungs, lps)
+    assert region.sum() > lungs.sum()  # the lungs and what lies below them
+    deep_inside = ndimage.binary_erosion(region, iterations=3)
+    far_outside = ~ndimage.binary_dilation(region, iterations=3)
+    # the same draw without its waves (sliding scales the breathing term, not the waves)
+    still = np.zeros_like(plain.breathing.wave_amplitudes)
+    with_sliding = dataclasses.replace(sliding_pair.breathing, wave_amplitudes=still)
+    without = dataclasses.replace(plain.breathing, wave_amplitudes=still)
+    for chosen, share in ((deep_inside, 1.0), (far_outside, 0.3)):
+        points = np.argwhere(chosen)[::7] @ lps[:3, :3].T + lps[:3, 3]
+        slid, free = with_sliding.displacement(points), without.displacement(points)
+        np.testing.assert_allclose(slid[:, :2], free[:, :2], atol=1e-9)  # sliding scales u_z only
+        moving = np.abs(free[:, 2]) > 0.5  # where there is superior-inferior motion to share
+        assert moving.sum() > 20
+        np.testing.assert_allclose(slid[moving, 2] / free[moving, 2], share, atol=0.05)
+
+
+def test_sliding_jacobian_is_analytic_and_positive(sliding_pair):
+    breathing = sliding_pair.breathing
+    rng = np.random.default_rng(0)
+    low, high = breathing.centre - 1.3 * breathing.half_size, breathing.centre + 1.3 * breathing.half_size
+    points = torch.from_numpy(rng.uniform(low, high, (400, 3)))
+    analytic = breathing.jacobian_determinant(points).numpy()
+    step = 1e-3
+    columns = []
+    for axis in range(3):
+        shift = torch.zeros(3, dtype=torch.float64)
+        shift[axis] = step
+        columns.append(((breathing(points + shift) - breathing(points - shift)) / (2 * step)).numpy())
+    numeric = np.linalg.det(np.stack(columns, axis=-1))
+    # d w / d p comes from the smoothed region's central differences, interpolated: within 0.03 of the
+    # derivative of the interpolated weight itself
+    np.testing.assert_allclose(analytic, numeric, atol=0.03)
+    assert analytic.min() > 0.1
+
+
+def test_sliding_is_a_share(toy):
+    image, lungs = toy
+    with pytest.raises(ValueError, match="sliding"):
+        synthetic_breathing_pair(image, lungs, sliding=1.5)
+
+
+def test_scanner_pair_crops_each_scan_to_its_own_lung(sliding_pair):
+    scanned = scanner_pair(sliding_pair, (4.0, 4.0, 6.0), side="right", margin_mm=10.0)
+    for image in (scanned.fixed, scanned.moving):
+        spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+        np.testing.assert_allclose(spacing, [4.0, 4.0, 6.0], atol=1e-9)
+    assert not np.allclose(np.asarray(scanned.fixed.affine), np.asarray(scanned.moving.affine))  # own grids
+    assert 0 < len(scanned.fixed_landmarks) < len(sliding_pair.fixed_landmarks)  # one lung only
+    # the kept pairs are the original ones, unchanged, and lie inside both images
+    kept = [np.flatnonzero((sliding_pair.fixed_landmarks == row).all(axis=1))[0] for row in scanned.fixed_landmarks]
+    np.testing.assert_array_equal(sliding_pair.moving_landmarks[kept], scanned.moving_landmarks)
+    for points, image in ((scanned.fixed_landmarks, scanned.fixed), (scanned.moving_landmarks, scanned.moving)):
+        values = _values(image, points)
+        assert np.isfinite(values).all() and (values > AIR_HU + 1).mean() > 0.9  # inside the scan, not padding
+    with pytest.raises(ValueError, match="side"):
+        scanner_pair(sliding_pair, (4.0, 4.0, 6.0), side="middle")
