@@ -29,7 +29,7 @@ bench: install
 	$(PY) -m bench.run_all
 
 bundles: install
-	$(PY) scripts/pack_bundles.py --out dist
+	$(PY) scripts/pack_bundles.py --out dist --wheel
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -30,7 +30,7 @@ Batches
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -520,6 +520,10 @@ class TileDataset(Dataset):
     """Tiles of one source for inference: ``{"image": (3, H, W) float32 in [-1, 1], "name": output file name}``.
 
     ``name`` is the PNG file name for a folder source and ``"<HDF5 stem>_<index>.png"`` for an HDF5 source.
+
+    With ``transform`` (e.g. the bundle's ``preprocessing``), items are ``transform({"image": tile, "name": ...})``
+    of the tile as read, RGB ``(H, W, 3)`` uint8, instead: the form MONAI Deploy hands the bundle's
+    ``preprocessing``, so that the bundle's own inference runs the same steps.
     """
 
     def __init__(
@@ -527,16 +531,21 @@ class TileDataset(Dataset):
         source: str | os.PathLike | TileSource,
         tile_size: int | Sequence[int] | None = None,
         image_key: str = IMAGE_KEY,
+        transform: Callable[[dict], dict] | None = None,
     ) -> None:
         self.source = _as_source(source, tile_size)
         self.image_key = image_key
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        return {self.image_key: to_network(self.source.read(index)), NAME_KEY: self.source.file_names[index]}
+        tile, name = self.source.read(index), self.source.file_names[index]
+        if self.transform is not None:
+            return self.transform({self.image_key: np.array(tile, copy=True), NAME_KEY: name})
+        return {self.image_key: to_network(tile), NAME_KEY: name}
 
 
 class AnnotatedTileDataset(Dataset):

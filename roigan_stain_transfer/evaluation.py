@@ -95,6 +95,10 @@ class StainTransferEvaluator(Evaluator):
         image_key: batch key of the input tiles (``"he"`` for evaluation, ``"image"`` for inference).
         pred_key: output key of the synthetic tiles ``(B, 3, H, W)`` float32 in ``[-1, 1]``.
         epoch_length, non_blocking, val_handlers, amp, amp_kwargs: as :class:`monai.engines.Evaluator`.
+        inferer: called as ``inferer(tiles, network)`` (the bundle's ``inferer``); None calls the network.
+        postprocessing: applied to each tile of the batch as ``{pred_key: tile, image_key: input tile}``, its
+            ``pred_key`` result restacked (the bundle's ``postprocessing``, as MONAI Deploy applies it to
+            one item); None keeps the network's output.
 
     The iteration output is the batch (tensors on their original device) plus ``pred`` on the CPU.
     """
@@ -111,6 +115,8 @@ class StainTransferEvaluator(Evaluator):
         val_handlers: Sequence | None = None,
         amp: bool = False,
         amp_kwargs: dict | None = None,
+        inferer: Callable | None = None,
+        postprocessing: Callable[[dict], dict] | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -124,6 +130,14 @@ class StainTransferEvaluator(Evaluator):
         )
         self.network = network
         self.image_key, self.pred_key = image_key, pred_key
+        self.inferer, self.item_postprocessing = inferer, postprocessing
+
+    def _postprocess(self, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        items = [
+            self.item_postprocessing({self.pred_key: tile, self.image_key: image})[self.pred_key]
+            for tile, image in zip(pred, images.cpu(), strict=True)
+        ]
+        return torch.stack([torch.as_tensor(item).as_subclass(torch.Tensor) for item in items])
 
     def _autocast(self):
         return engine_autocast(self)
@@ -139,9 +153,11 @@ class StainTransferEvaluator(Evaluator):
         images = images.to(engine.state.device, non_blocking=engine.non_blocking)
         engine.network.eval()
         with engine.mode(engine.network), engine._autocast():
-            pred = engine.network(images)
+            pred = engine.network(images) if engine.inferer is None else engine.inferer(images, engine.network)
         output = dict(batchdata)
         output[engine.pred_key] = pred.detach().float().cpu()
+        if engine.item_postprocessing is not None:
+            output[engine.pred_key] = engine._postprocess(images, output[engine.pred_key])
         engine.state.output = output
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
@@ -295,7 +311,8 @@ class SaveTiles:
     """Writes every synthetic tile of the engine output as an RGB PNG (atomically) into ``output_dir``.
 
     File names come from the batch's ``name_key`` entries (``TileDataset`` gives the input PNG name, or
-    ``"<HDF5 stem>_<index>.png"``), with ``suffix`` inserted before the extension.
+    ``"<HDF5 stem>_<index>.png"``), with ``suffix`` inserted before the extension. Tiles are network output
+    ``(B, 3, H, W)`` in ``[-1, 1]``, or RGB ``(B, H, W, 3)`` uint8 already (the bundle's ``postprocessing``).
     """
 
     def __init__(
@@ -318,7 +335,12 @@ class SaveTiles:
         output = engine.state.output
         if self.output_transform is not None:
             output = self.output_transform(output)
-        tiles = tiles_to_uint8(output[self.pred_key])
+        tiles = output[self.pred_key]
+        if isinstance(tiles, torch.Tensor):
+            tiles = tiles.detach().cpu().numpy()
+        tiles = np.asarray(tiles)
+        if not (tiles.dtype == np.uint8 and tiles.ndim == 4 and tiles.shape[-1] == 3):
+            tiles = tiles_to_uint8(tiles)
         names = _batch_list(output.get(self.name_key), len(tiles))
         for tile, name in zip(tiles, names, strict=True):
             name = Path(str(name) if name is not None else f"tile_{len(self.written)}.png")

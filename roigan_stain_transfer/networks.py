@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from shared_ops import RoIAlign
+from shared_ops.architecture import RecordsArchitecture
 
 __all__ = [
     "CLASS_MAP_CHANNELS",
@@ -105,8 +106,12 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+@torch.jit.unused
 def _check_tiles(images: torch.Tensor, channels: int, multiple: int, name: str) -> None:
-    """Raise a clear error unless ``images`` is float ``(B, channels, H, W)`` , ``H, W`` multiples of ``multiple``."""
+    """Raise a clear error unless ``images`` is float ``(B, channels, H, W)`` , ``H, W`` multiples of ``multiple``.
+
+    Python only: TorchScript (``torch.jit.script`` of a network, e.g. by ``ckpt_export``) skips the check.
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor (B, {channels}, H, W), got {type(images).__name__}")
     if images.ndim != 4:
@@ -156,7 +161,7 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-class ResnetGenerator(nn.Module):
+class ResnetGenerator(RecordsArchitecture, nn.Module):
     """Johnson-style ResNet generator mapping tiles of one stain to the other.
 
     Layers (``c`` = ``base_channels``): reflection pad 3 + 7 x 7 conv to ``c``; two 3 x 3 stride-2 convs to
@@ -182,6 +187,10 @@ class ResnetGenerator(nn.Module):
 
     ``forward(x)``: ``(B, in_channels, H, W)`` in ``[-1, 1]``, ``H`` and ``W`` multiples of 4 ->
     ``(B, out_channels, H, W)`` in ``[-1, 1]``.
+
+    Every argument but ``init_std`` is recorded in the state dict (:mod:`shared_ops.architecture`): weights load
+    only into a generator built with the same values, otherwise ``load_state_dict`` raises
+    ``ArchitectureMismatchError`` naming each differing argument with both values.
     """
 
     def __init__(
@@ -210,6 +219,13 @@ class ResnetGenerator(nn.Module):
         self.num_blocks = int(num_blocks)
         self.upsampling = upsampling
         c = int(base_channels)
+        self.record_architecture(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            base_channels=c,
+            num_blocks=self.num_blocks,
+            upsampling=upsampling,
+        )
 
         def conv_norm_relu(conv: nn.Module, width: int) -> list[nn.Module]:
             return [conv, nn.InstanceNorm2d(width), nn.ReLU(inplace=True)]
@@ -235,7 +251,8 @@ class ResnetGenerator(nn.Module):
             init_weights(self, init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tiles(x, self.in_channels, 4, "ResnetGenerator input")
+        if not torch.jit.is_scripting():
+            _check_tiles(x, self.in_channels, 4, "ResnetGenerator input")
         return self.head(self.up(self.blocks(self.down(self.stem(x)))))
 
 

@@ -112,12 +112,15 @@ def _overview(root: Path, grid: int) -> Path:
     for key, value in NARROW_RRN.items():
         parser[f"network_def#{key}"] = value
     network = load_network_weights(parser.get_parsed_content("network_def"), root / "models" / "model.pt").eval()
-    item = parser.get_parsed_content("preprocessing")(load_datalist(root / "data" / "datalist.json", "test")[0])
-    fixed, moving = item["fixed"].as_tensor()[None], item["moving"].as_tensor()[None]
+    # the bundle's own steps: `loading` stacks the pair as `image` (channel 0 moving, 1 fixed), `preprocessing` crops
+    # it to the fixed lung box and resamples it to the network grid
+    steps = [parser.get_parsed_content("loading"), parser.get_parsed_content("preprocessing")]
+    image = steps[1](steps[0](load_datalist(root / "data" / "datalist.json", "test")[0]))["image"]
+    moving, fixed = image.as_tensor()[None, :1], image.as_tensor()[None, 1:]
     with torch.no_grad():
         ddf = network(moving, fixed)
         warped = Warp3d()(moving, ddf)
-    spacing = item["fixed"].pixdim.tolist()
+    spacing = image.pixdim.tolist()
     return save_overview(
         OUTPUT / "rrn_overview.png", fixed[0, 0], moving[0, 0], warped[0, 0], ddf[0].numpy(), spacing, axis=1
     )

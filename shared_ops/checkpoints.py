@@ -12,6 +12,9 @@ silently end) the earlier run.
   compares them before a resumed run starts, and names the file in every error of reading or loading.
 - :func:`read_checkpoint` and :func:`load_network_weights` read checkpoints with
   ``torch.load(..., weights_only=True)``; their errors are one line naming the file.
+- Networks that record their constructor settings in their weights (:mod:`shared_ops.architecture`) are
+  loaded only from checkpoints recorded with the same settings; the loader's error names the file, each
+  differing setting with both values and the config overrides that select the checkpoint's network.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import copy
 import os
 import re
+import shlex
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -30,6 +34,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
+
+from shared_ops.architecture import ArchitectureMismatchError
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -303,6 +309,14 @@ class RunSettings:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _cli_value(value: Any) -> str:
+    """``value`` as a ``python -m monai.bundle`` command-line argument (Python literals, shell-quoted)."""
+    if isinstance(value, str):
+        return shlex.quote(value)
+    text = repr(value).replace(" ", "")
+    return text if isinstance(value, (bool, int, float, type(None))) else shlex.quote(text)
+
+
 class CheckedCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader``, checked before the engine runs and with errors that name the file.
 
@@ -316,6 +330,10 @@ class CheckedCheckpointLoader(CheckpointLoader):
     Args:
         load_path, load_dict, name, map_location, strict: as MONAI's ``CheckpointLoader`` (shapes must fit:
             there is no ``strict_shape``).
+        config_keys: for the message when a network's recorded settings differ from the checkpoint's
+            (:class:`~shared_ops.architecture.ArchitectureMismatchError`): the config key of each setting
+            (``{"num_blocks": "generator_blocks"}``), or one prefix for all (``"network_def#"``), so that the
+            message lists the command-line overrides that build the checkpoint's network.
     """
 
     def __init__(
@@ -325,14 +343,32 @@ class CheckedCheckpointLoader(CheckpointLoader):
         name: str | None = None,
         map_location: Any = None,
         strict: bool = True,
+        config_keys: Mapping[str, str] | str | None = None,
     ) -> None:
         super().__init__(str(load_path), load_dict, name=name, map_location=map_location, strict=strict)
         self._engine_states: dict[str, Any] = {}
+        self.config_keys = config_keys
+
+    def _overrides(self, error: ArchitectureMismatchError) -> str:
+        """`` --key value`` for each differing setting that has a config key, or ``""``."""
+        keys = self.config_keys
+        if keys is None or error.checkpoint_class != error.network_class:
+            return ""
+        pairs = []
+        for setting, (recorded, _) in error.differences.items():
+            key = keys + setting if isinstance(keys, str) else keys.get(setting)
+            if key is None or recorded is None:
+                return ""
+            key = key.replace("::", "#")  # MONAI's parser turns '#' in config strings into its '::' separator
+            pairs.append(f"--{key} {_cli_value(recorded)}")
+        return " To use this checkpoint, run with: " + " ".join(pairs) + "."
 
     def _load(self, objects: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> None:
         for key, obj in objects.items():
             try:
                 _load_state(obj, checkpoint[key], strict=self.strict)
+            except ArchitectureMismatchError as error:
+                raise CheckpointError(f"{self.load_path}: {key!r}: {error}{self._overrides(error)}") from None
             except Exception as error:
                 raise CheckpointError(
                     f"{self.load_path}: {key!r} does not fit this run's {type(obj).__name__} ({_reason(error)})."
