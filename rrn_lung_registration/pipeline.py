@@ -63,6 +63,7 @@ from monai.data import MetaTensor
 from rrn_lung_registration.alignment.deformable import DeformableSettings, register_deformable
 from rrn_lung_registration.alignment.instance import finetune_network, optimise_field
 from rrn_lung_registration.alignment.prealign import PrealignSettings, prealign, window_hu
+from rrn_lung_registration.alignment.threads import release_freed_memory
 from rrn_lung_registration.io.ct_io import (
     WRITE_SUFFIXES,
     read_ct,
@@ -473,7 +474,7 @@ def _resampled_outputs(
     jacobian = torch.empty(grid.shape, dtype=torch.float32)
     determinant = transform.jacobian_on_grid()
     lps = torch.as_tensor(_LPS)
-    for k0, k1 in grid.slabs():
+    for k0, k1 in grid.slabs(max_points=1 << 20):  # small slabs: the float64 points are the peak here
         points = grid.points(torch.float64, (k0, k1))
         mapped = transform.map_points(points)
         warped[:, :, k0:k1] = sample_world(moving.as_tensor(), moving.affine, mapped.float(), fill=fill)
@@ -492,9 +493,11 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> N
 def _grid_displacement_voxels(transform: RegistrationTransform) -> np.ndarray:
     """``phi - id`` on the network grid, in grid voxels ``(3, *grid)``, for the overview."""
     grid = transform.grid
-    points = grid.points(torch.float64)
-    voxels = grid.world_to_voxel(transform.map_points(points))
-    return torch.movedim(voxels - grid.voxels(torch.float64), -1, 0).float().numpy()
+    out = torch.empty(3, *grid.shape, dtype=torch.float32)
+    for k0, k1 in grid.slabs(max_points=1 << 20):
+        voxels = grid.world_to_voxel(transform.map_points(grid.points(torch.float64, (k0, k1))))
+        out[:, :, :, k0:k1] = torch.movedim(voxels - grid.voxels(torch.float64, (k0, k1)), -1, 0)
+    return out.numpy()
 
 
 def write_outputs(
@@ -596,8 +599,11 @@ def _jacobian_summary(transform: RegistrationTransform, fixed_mask: np.ndarray, 
     """Statistics of ``det D phi`` on the network grid, over the whole grid and inside the fixed lungs."""
     jacobian = transform.jacobian_on_grid()
     grid = transform.grid
-    voxels = fixed_grid.world_to_voxel(grid.points(torch.float64)).float()
-    in_lung = sample_voxels(torch.from_numpy(fixed_mask).float(), voxels, fill=0.0, mode="nearest") > 0.5
+    in_lung = torch.empty(grid.shape, dtype=torch.bool)
+    mask = torch.from_numpy(fixed_mask).float()
+    for k0, k1 in grid.slabs(max_points=1 << 20):
+        voxels = fixed_grid.world_to_voxel(grid.points(torch.float64, (k0, k1))).float()
+        in_lung[:, :, k0:k1] = sample_voxels(mask, voxels, fill=0.0, mode="nearest") > 0.5
     lung = jacobian[in_lung]
     return {
         "min": float(jacobian.min()),
@@ -688,6 +694,7 @@ def register_files(
                 notes.append(note)
     remove_stale_staging(output)
     result = registration.register(fixed_image, moving_image, progress=progress)
+    release_freed_memory()
     write_outputs(
         result,
         fixed_image,

@@ -86,21 +86,27 @@ class BSplineField(torch.nn.Module):
             return out[:, 0]
         return out[:, 0], out[:, 1:].transpose(1, 2)
 
-    def on_grid(self, shape: Sequence[int], spacing_mm: Sequence[float], derivative: int | None = None) -> torch.Tensor:
-        """``u`` (or ``d u / d q_derivative``) at the voxels ``q = n * spacing_mm`` of a regular grid of
-        ``shape``, without gradients: ``(*shape, 3)``, by three small matrix products (the B-spline is
+    def on_grid(
+        self,
+        shape: Sequence[int],
+        spacing_mm: Sequence[float],
+        derivative: int | None = None,
+        origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
+    ) -> torch.Tensor:
+        """``u`` (or ``d u / d q_derivative``) at the voxels ``q = origin_mm + n * spacing_mm`` of a regular grid
+        of ``shape``, without gradients: ``(*shape, 3)``, by three small matrix products (the B-spline is
         separable)."""
         with torch.no_grad():
             u = self.coefficients
-            for axis, (n, step) in enumerate(zip(shape, spacing_mm, strict=True)):
-                matrix = self._basis_matrix(axis, int(n), float(step), derivative == axis)
+            for axis, (n, step, start) in enumerate(zip(shape, spacing_mm, origin_mm, strict=True)):
+                matrix = self._basis_matrix(axis, int(n), float(step), float(start), derivative == axis)
                 u = torch.tensordot(matrix, u, dims=([1], [axis])).movedim(0, axis)
         return u
 
-    def _basis_matrix(self, axis: int, n: int, step: float, slope: bool = False) -> torch.Tensor:
+    def _basis_matrix(self, axis: int, n: int, step: float, start: float, slope: bool) -> torch.Tensor:
         """``(n, size[axis])`` weights (``slope``: their derivatives per mm) of the control points along
-        ``axis`` at ``q = 0, step, .., (n - 1) step``."""
-        t = torch.arange(n, dtype=torch.float64) * (step / self.spacing) + 1.0
+        ``axis`` at ``q = start, start + step, .., start + (n - 1) step``."""
+        t = (torch.arange(n, dtype=torch.float64) * step + start) / self.spacing + 1.0
         low = torch.clamp(torch.floor(t).long() - 1, 0, self.size[axis] - 4)
         weights, slopes = _basis(t - (low + 1).to(t.dtype))
         matrix = torch.zeros(n, self.size[axis], dtype=torch.float64)

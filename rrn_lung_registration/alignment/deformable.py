@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from rrn_lung_registration.alignment.bspline import BSplineField
-from rrn_lung_registration.alignment.threads import few_threads
+from rrn_lung_registration.alignment.threads import few_threads, release_freed_memory
 from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_world, to_matrix
 
 __all__ = ["DeformableSettings", "LevelReport", "mind_ssc", "register_deformable"]
@@ -80,10 +80,10 @@ class DeformableSettings:
     folding: float = 10.0
     min_jacobian: float = 0.2
     mask_margin_mm: float = 5.0
-    reach_mm: float = 10.0
+    reach_mm: float = 6.0
     hu_window: tuple[float, float] = (-1000.0, 0.0)
     max_voxels: int = 4_000_000
-    tolerance: float = 1e-3
+    tolerance: float = 5e-4
     patience: int = 20
     decays: Sequence[int] = (1, 1, 3)
 
@@ -136,14 +136,8 @@ _PAIRS = tuple(
 
 
 def _box_mean(volume: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a ``(2 radius + 1)^3`` box around each voxel of ``volume (1, C, I, J, K)``, borders repeated
-    (sums of shifted copies, one axis at a time)."""
-    width = 2 * radius + 1
-    volume = F.pad(volume, (radius,) * 6, mode="replicate")
-    for axis in (2, 3, 4):
-        length = volume.shape[axis] - 2 * radius
-        volume = sum(volume.narrow(axis, offset, length) for offset in range(width))
-    return volume / width**3
+    """Mean over a ``(2 radius + 1)^3`` box around each voxel of ``volume (1, C, I, J, K)``, borders repeated."""
+    return F.avg_pool3d(F.pad(volume, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
 
 
 def _grow(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -165,13 +159,14 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     For each of the twelve neighbour pairs ``(a, b)``: the patch distance ``D = box_mean((I(x + a) - I(x +
     b))^2)`` over a ``(2 radius + 1)^3`` box; features ``exp(-D / V)`` with ``V`` the mean of the twelve
     distances (clamped to [0.001, 1000] times its mean over the image), divided by their maximum over the
-    channels (Heinrich et al., MICCAI 2013). Borders repeat the edge voxels.
+    channels (Heinrich et al., MICCAI 2013). Borders repeat the edge voxels. One channel at a time and in
+    place: the peak memory is about 16 volumes of the image, the twelve features included.
     """
     if image.ndim != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"mind_ssc expects an image (1, 1, I, J, K), got {tuple(image.shape)}.")
     pad, size = dilation, image.shape[2:]
     padded = F.pad(image, (pad,) * 6, mode="replicate")
-    neighbours = [  # the image read at x + dilation * offset
+    neighbours = [  # views of the image read at x + dilation * offset
         padded[
             :,
             :,
@@ -181,13 +176,16 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         ]
         for o in _NEIGHBOURS
     ]
-    squared = torch.cat([(neighbours[a] - neighbours[b]).square() for a, b in _PAIRS], dim=1)
-    distances = _box_mean(squared, radius)
-    variance = distances.mean(dim=1, keepdim=True)
+    features = image.new_empty(1, len(_PAIRS), *size)
+    for channel, (a, b) in enumerate(_PAIRS):
+        features[:, channel : channel + 1] = _box_mean(torch.sub(neighbours[a], neighbours[b]).square_(), radius)
+    del padded, neighbours
+    variance = features.mean(dim=1, keepdim=True)
     level = float(variance.mean())
-    variance = variance.clamp(min=max(level * 1e-3, 1e-12), max=max(level * 1e3, 1e-12))
-    features = torch.exp(-distances / variance)
-    return features / features.amax(dim=1, keepdim=True)
+    variance.clamp_(min=max(level * 1e-3, 1e-12), max=max(level * 1e3, 1e-12))
+    features.div_(variance).neg_().exp_()
+    del variance
+    return features.div_(features.amax(dim=1, keepdim=True))
 
 
 # ------------------------------------------------------------------------------------------------- levels
@@ -207,6 +205,24 @@ def _pooled(image: torch.Tensor, affine: torch.Tensor, spacing_mm: float) -> tup
     return pooled, affine @ scale
 
 
+def _features_at(values: torch.Tensor, voxels: torch.Tensor, hu_window, slab: int = 32) -> torch.Tensor:
+    """MIND-SSC features of ``values (I, J, K)`` at ``voxels (M, 3)``: ``(M, 12)``, computed in slabs along the
+    first axis (each with the 3-voxel margin the descriptors read), so that the twelve feature volumes of
+    the whole grid are never held at once."""
+    margin = 3  # dilation 2 + box radius 1
+    out = values.new_empty(len(voxels), len(_PAIRS))
+    for start in range(0, values.shape[0], slab):
+        stop = min(start + slab, values.shape[0])
+        chosen = (voxels[:, 0] >= start) & (voxels[:, 0] < stop)
+        if not chosen.any():
+            continue
+        low = max(0, start - margin)
+        features = _features(values[low : min(values.shape[0], stop + margin)], hu_window)
+        inside = voxels[chosen]
+        out[chosen] = features[0, :, inside[:, 0] - low, inside[:, 1], inside[:, 2]].T
+    return out
+
+
 def _features(values: torch.Tensor, hu_window: tuple[float, float]) -> torch.Tensor:
     low, high = hu_window
     return mind_ssc(((values.clamp(low, high) - low) / (high - low))[None, None])
@@ -217,7 +233,8 @@ class _Level:
 
     Attributes:
         grid: the level's grid over the box; ``spacing`` ``(3,)`` mm per axis.
-        points: ``(M, 3)`` sample points ``q`` (mm, box frame); ``fixed``: ``(M, 12)`` their fixed features.
+        voxels: ``(M, 3)`` level voxels of the sample points; ``points``: the same as ``q`` (mm, box frame);
+            ``fixed``: ``(M, 12)`` their fixed features (float16).
         moving: ``(1, 12, I + 2r, J + 2r, K + 2r)`` moving features on the grid grown by ``reach`` voxels.
     """
 
@@ -227,15 +244,9 @@ class _Level:
         spacing = float(grid.spacing.mean())
         low = settings.hu_window[0]
         self.reach = max(1, math.ceil(settings.reach_mm / spacing))
-        points = grid.points(torch.float64)
-        pooled, pooled_affine = _pooled(fixed, fixed_affine, spacing)
-        fixed_features = _features(sample_world(pooled, pooled_affine, points.float(), fill=low), settings.hu_window)
-        pooled, pooled_affine = _pooled(moving, moving_affine, spacing)
-        wide = Grid(tuple(n + 2 * self.reach for n in grid.shape), grid.affine @ _shift(-self.reach))
-        moved = apply_affine(prealign, wide.points(torch.float64)).float()
-        self.moving = _features(sample_world(pooled, pooled_affine, moved, fill=low), settings.hu_window)
+        points = grid.points(torch.float32)  # float32 mm: far finer than a voxel, half the memory of float64
         pooled, pooled_affine = _pooled(fixed_mask.float(), fixed_affine, spacing)
-        mask = sample_world(pooled, pooled_affine, points.float(), fill=0.0) > 0.25
+        mask = sample_world(pooled, pooled_affine, points, fill=0.0) > 0.25
         grow = round(settings.mask_margin_mm / spacing)
         if grow > 0:
             mask = _grow(mask, grow)
@@ -244,17 +255,33 @@ class _Level:
             raise ValueError("the fixed lung mask is empty on the registration grid.")
         self.voxels = voxels
         self.points = voxels.float() * self.spacing
-        self.fixed = fixed_features[0, :, voxels[:, 0], voxels[:, 1], voxels[:, 2]].T.contiguous()
+        pooled, pooled_affine = _pooled(fixed, fixed_affine, spacing)
+        values = sample_world(pooled, pooled_affine, points, fill=low)
+        del points
+        # (M, 12) in float16 (features in [0, 1]; 3 significant digits are plenty for a squared difference)
+        self.fixed = _features_at(values, voxels, settings.hu_window).half()
+        pooled, pooled_affine = _pooled(moving, moving_affine, spacing)
+        wide = Grid(tuple(n + 2 * self.reach for n in grid.shape), grid.affine @ _shift(-self.reach))
+        values = sample_world(
+            pooled, pooled_affine, apply_affine(prealign.float(), wide.points(torch.float32)), fill=low
+        )
+        self.moving = _features(values, settings.hu_window)
         self.size = torch.tensor(self.moving.shape[2:], dtype=torch.float32) - 1
 
-    def at_points(self, fields: Sequence[BSplineField]) -> tuple[torch.Tensor, torch.Tensor]:
+    def at_points(self, fields: Sequence[BSplineField], slab: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """The sum of ``fields`` ``(M, 3)`` and its gradient ``(M, 3, 3)`` at the sample points."""
         u, grad = torch.zeros(len(self.points), 3), torch.zeros(len(self.points), 3, 3)
-        index = tuple(self.voxels.T)
-        for field in fields:
-            u += field.on_grid(self.grid.shape, self.spacing)[index]
-            for axis in range(3):
-                grad[:, :, axis] += field.on_grid(self.grid.shape, self.spacing, derivative=axis)[index]
+        rows, size = self.voxels[:, 0], self.grid.shape
+        for start in range(0, size[0], slab):  # a slab of planes at a time: the grid's values are never all held
+            chosen = (rows >= start) & (rows < start + slab)
+            if not chosen.any():
+                continue
+            shape, origin = (min(slab, size[0] - start), *size[1:]), (start * float(self.spacing[0]), 0.0, 0.0)
+            index = (rows[chosen] - start, self.voxels[chosen, 1], self.voxels[chosen, 2])
+            for field in fields:
+                u[chosen] += field.on_grid(shape, self.spacing, origin_mm=origin)[index]
+                for axis in range(3):
+                    grad[chosen, :, axis] += field.on_grid(shape, self.spacing, axis, origin)[index]
         return u, grad
 
     def moving_at(self, q: torch.Tensor) -> torch.Tensor:
@@ -344,6 +371,7 @@ def register_deformable(
     image_spacings = [fixed_affine[:3, :3].norm(dim=0), moving_affine[:3, :3].norm(dim=0)]
     finest = finest_spacing(box, image_spacings, settings.max_voxels)
     spacings = [finest if s is None else max(float(s), finest) for s in settings.levels_mm]
+    release_freed_memory()  # what reading, masking and pre-aligning freed, before the feature volumes
     generator = torch.Generator().manual_seed(seed)
     fields: list[BSplineField] = []
     reports: list[LevelReport] = []
@@ -363,6 +391,7 @@ def register_deformable(
             continue
         level = _Level(grid, fixed, fixed_affine, moving, moving_affine, prealign, fixed_mask, settings)
         base_u, base_grad = level.at_points(fields)  # the coarser levels' field: fixed from now on
+        level.voxels = None  # needed for that only
         field = BSplineField(extent, float(control))
         optimizer = torch.optim.Adam(field.parameters(), lr=float(rate))
         running = _Plateau(optimizer, settings.tolerance, settings.patience, int(decays))
@@ -375,7 +404,7 @@ def register_deformable(
                 steps += 1
                 pick = torch.randint(count, (min(int(samples), count),), generator=generator)
                 q = level.points[pick]
-                similarity = (level.moving_at(q + field(q) + base_u[pick]) - level.fixed[pick]).square().mean()
+                similarity = (level.moving_at(q + field(q) + base_u[pick]) - level.fixed[pick].float()).square().mean()
                 loss = similarity + settings.smoothness * field.roughness()
                 if settings.folding > 0:  # the Jacobian at fewer points: the field is smooth
                     pick = torch.randint(count, (min(settings.jacobian_samples, count),), generator=generator)
@@ -393,6 +422,8 @@ def register_deformable(
                     break
         field.requires_grad_(False)
         fields.append(field)
+        del level  # its feature volumes, before the next level makes its own
+        release_freed_memory()
         seconds = time.perf_counter() - start - setup
         report = LevelReport(
             float(spacing), tuple(grid.shape), float(control), steps, first, running.mean, setup, seconds

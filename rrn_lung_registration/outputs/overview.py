@@ -52,7 +52,7 @@ def save_overview(
     on the fixed image's range. Written atomically. ``jacobian`` ``(D, H, W)``: the determinant map when it
     is already known (otherwise computed from ``ddf``).
     """
-    volumes = [np.asarray(v, dtype=np.float64) for v in (fixed, moving, warped)]
+    volumes = [np.asarray(v) for v in (fixed, moving, warped)]
     if any(v.shape != volumes[0].shape or v.ndim != 3 for v in volumes) or np.shape(ddf) != (3, *volumes[0].shape):
         raise ValueError(
             "save_overview expects fixed, moving, warped (D, H, W) on one grid and ddf (3, D, H, W); got "
@@ -60,13 +60,14 @@ def save_overview(
         )
     index = volumes[0].shape[axis] // 2 if index is None else index
 
-    def cut(volume: np.ndarray) -> np.ndarray:
-        return np.rot90(np.take(volume, index, axis=axis))
+    def cut(volume: np.ndarray, at: int = axis) -> np.ndarray:  # the slice first, then float64
+        return np.rot90(np.take(volume, index, axis=at).astype(np.float64))
 
     fixed_s, moving_s, warped_s = (cut(v) for v in volumes)
-    magnitude = cut(np.linalg.norm(np.asarray(ddf) * np.asarray(spacing, float)[:, None, None, None], axis=0))
+    ddf_s = np.stack([cut(component) for component in np.asarray(ddf)])
+    magnitude = np.linalg.norm(ddf_s * np.asarray(spacing, float)[:, None, None], axis=0)
     jacobian = cut(jacobian_determinant(ddf) if jacobian is None else np.asarray(jacobian))
-    low, high = float(volumes[0].min()), float(volumes[0].max())
+    low, high = float(fixed_s.min()), float(fixed_s.max())
     diff_before, diff_after = np.abs(moving_s - fixed_s), np.abs(warped_s - fixed_s)
     diff_high = float(max(diff_before.max(), 1e-6))
     scale = max(1, 256 // max(fixed_s.shape))

@@ -228,10 +228,11 @@ def _ints(text: str) -> int | tuple[int, ...]:
 def registration_settings(conf: Mapping[str, Any]) -> pipeline.RegistrationSettings:
     """The pipeline's ``RegistrationSettings`` from the app's ``--conf`` values (its defaults for the keys not given).
 
-    Keys: ``registration_grid`` (``128`` or ``128,128,96``), ``registration_steps`` (instance-optimisation steps
-    per level), ``registration_factors`` (levels, e.g. ``4,2``), ``registration_prealign`` (``affine``, ``rigid``,
-    ``none``), ``registration_prealign_iterations``, ``registration_weights`` (trained RRN weights, a file) and
-    ``device``.
+    Keys: ``registration_steps`` (the pipeline's ``instance_steps``: without weights at most this many steps per
+    level, with weights the instance-optimisation steps), ``registration_prealign`` (``affine``, ``rigid``,
+    ``none``), ``registration_prealign_iterations``, ``registration_weights`` (trained RRN weights, a file),
+    ``device``, and with weights ``registration_grid`` (``128`` or ``128,128,96``) and ``registration_factors``
+    (instance-optimisation levels, e.g. ``4,2``).
 
     Raises:
         ValueError: a value that does not parse or that the pipeline refuses, naming the key.
