@@ -251,7 +251,8 @@ def elastix_worker(folder: Path, kind: str) -> dict:
     transform = method.GetTransformParameterObject()
     with tempfile.TemporaryDirectory(prefix="registration-bench-elastix-") as scratch:
         warped = _transformix_points(moving, transform, folder / "fixed_points.txt", Path(scratch, "points"))
-        _, determinant = itk.transformix_jacobian(moving, transform, output_directory=str(Path(scratch)))
+        # (the output folder needs its trailing separator: itk-elastix 0.25.4 appends the file names to it)
+        _, determinant = itk.transformix_jacobian(moving, transform, output_directory=f"{scratch}{os.sep}")
     errors = np.linalg.norm(warped - moving_points, axis=1)
     mask = itk.GetArrayViewFromImage(itk.imread(str(folder / "fixed_lung_mask.mha"))) > 0
     lung = itk.GetArrayViewFromImage(determinant)[mask]
