@@ -6,8 +6,9 @@ The package is layered; each layer uses only the ones listed before it:
   ``fields`` (Jacobian and other field properties);
 * ``io``, I/O and geometry: ``ct_io``, ``integrity``, ``landmarks``, ``spatial``, ``transform``, ``preflight``;
 * ``masking``: ``lung_mask`` (automatic lung masks, lung boxes, the lung crop);
-* ``alignment``, alignment and optimisation: ``prealign`` (rigid / affine), ``instance`` (deformable
-  optimisation of one pair);
+* ``alignment``, alignment and optimisation: ``prealign`` (rigid / affine), ``deformable`` (multi-level
+  B-spline on MIND-SSC features, the registration without weights), ``instance`` (optimisation of a network's
+  field on one pair);
 * ``outputs``: ``overview`` (PNG); the output files themselves are written by ``pipeline``;
 * ``pipeline`` (one pair, end to end: ``python -m rrn_lung_registration register``) and
   ``datalist_registration`` (a datalist of pairs, resumable: the bundle's ``register.json``);

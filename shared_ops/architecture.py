@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["ArchitectureMismatchError", "RecordsArchitecture", "decode_architecture", "encode_architecture"]
+__all__ = [
+    "ArchitectureMismatchError",
+    "RecordsArchitecture",
+    "decode_architecture",
+    "encode_architecture",
+    "same_setting",
+]
 
 _EXTRA_STATE = "_extra_state"  # PyTorch's state dict key of get_extra_state()
 _SCALARS = (bool, int, float, str, type(None))
@@ -74,16 +80,16 @@ def _shown(value: Any) -> str:
     return json.dumps(value)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_setting(a: Any, b: Any) -> bool:
     """Equal settings: numbers by value (``2`` and ``2.0``), booleans only as booleans, containers item by item."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return float(a) == float(b)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_setting(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_setting(a[k], b[k]) for k in a)
     return a == b
 
 
@@ -144,7 +150,7 @@ class RecordsArchitecture:
         differences = {
             key: (old.get(key), new.get(key))
             for key in sorted(set(old) | set(new))
-            if key not in old or key not in new or not _same(old[key], new[key])
+            if key not in old or key not in new or not same_setting(old[key], new[key])
         }
         if differences:
             raise ArchitectureMismatchError(recorded["class"], own_class, differences)

@@ -35,7 +35,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
-from shared_ops.architecture import ArchitectureMismatchError
+from shared_ops.architecture import ArchitectureMismatchError, same_setting
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -202,19 +202,6 @@ def _module_settings(key: str, module: nn.Module) -> dict[str, dict]:
     return entries
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal settings: numbers by value (``30`` and ``30.0``), booleans only as booleans, containers item by item."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return float(a) == float(b)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a == b
-
-
 def _shown(value: Any) -> str:
     if value is _ABSENT:
         return "(absent)"
@@ -278,7 +265,7 @@ class RunSettings:
         lines = []
         for key in sorted(set(old) | set(self.values)):
             before, after = old.get(key, _ABSENT), self.values.get(key, _ABSENT)
-            if before is _ABSENT or after is _ABSENT or not _same(before, after):
+            if before is _ABSENT or after is _ABSENT or not same_setting(before, after):
                 lines.append(f"{key}: {_shown(before)} -> {_shown(after)}")
         return lines
 
