@@ -1,4 +1,4 @@
-"""rrn_lung_registration.synthetic.phantom: shapes, determinism, anatomy, motion, exactness of the ground truth, files."""
+"""synthetic.phantom: shapes, determinism, anatomy, motion, exactness of the ground truth, files."""
 
 from __future__ import annotations
 

@@ -165,9 +165,8 @@ def test_prealign_recovers_a_rigid_offset(phantom_files):
     moving = sample_world(fixed.as_tensor().float(), grid.affine, apply_affine(inverse, grid.points()), fill=-1000.0)
     spacing = grid.spacing.tolist()
     masks = [torch.from_numpy(lung_mask(v.numpy(), spacing)) for v in (fixed.as_tensor().float(), moving)]
-    found = prealign(
-        fixed.as_tensor(), grid.affine, moving, grid.affine, *masks, PrealignSettings(mode="rigid", spacings_mm=(8.0, 4.0), iterations=(40, 20))
-    )
+    settings = PrealignSettings(mode="rigid", spacings_mm=(8.0, 4.0), iterations=(40, 20))
+    found = prealign(fixed.as_tensor(), grid.affine, moving, grid.affine, *masks, settings)
     lungs = grid.voxel_to_world(torch.nonzero(masks[0]).double())
     error = (apply_affine(found, lungs) - apply_affine(truth, lungs)).norm(dim=1)
     assert error.mean() < 2.0, error.mean()
