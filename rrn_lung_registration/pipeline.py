@@ -5,10 +5,12 @@ Data flow (:class:`LungRegistration`)::
     fixed, moving CT (HU, any geometry)
       -> lung masks (:func:`~rrn_lung_registration.masking.lung_mask.lung_mask`)
       -> pre-alignment A, rigid then affine (:func:`~rrn_lung_registration.alignment.prealign.prealign`)
-      -> network grid: the fixed lung box (+ margin) sampled at ``grid_size`` (256^3 by default);
-         fixed on it, moving through A, both clipped to the HU window and scaled to [0, 1]
-      -> displacement u on the grid: the RRN (trained weights), then optional instance optimisation
-         (:mod:`~rrn_lung_registration.alignment.instance`); without weights, instance optimisation from zero
+      -> displacement u over the fixed lung box (+ margin):
+         without weights, the multi-level B-spline on MIND-SSC features at the images' own resolution
+         (:func:`~rrn_lung_registration.alignment.deformable.register_deformable`); u on its finest grid;
+         with weights, the RRN on the box sampled at ``grid_size`` (256^3 by default; fixed, and moving
+         through A, clipped to the HU window and scaled to [0, 1]), then optional instance optimisation
+         (:mod:`~rrn_lung_registration.alignment.instance`)
       -> transform phi(x) = A(x + U(x)) (:class:`~rrn_lung_registration.io.transform.RegistrationTransform`)
 
 and :func:`write_outputs` writes, on the fixed image's own grid and geometry:

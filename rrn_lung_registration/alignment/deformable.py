@@ -42,7 +42,7 @@ from rrn_lung_registration.alignment.bspline import BSplineField
 from rrn_lung_registration.alignment.threads import few_threads, release_freed_memory
 from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_world, to_matrix
 
-__all__ = ["DeformableSettings", "LevelReport", "mind_ssc", "register_deformable"]
+__all__ = ["DeformableSettings", "LevelReport", "finest_spacing", "mind_ssc", "register_deformable"]
 
 
 @dataclass
