@@ -394,7 +394,7 @@ def register_deformable(
         level.voxels = None  # needed for that only
         field = BSplineField(extent, float(control))
         optimizer = torch.optim.Adam(field.parameters(), lr=float(rate))
-        running = _Plateau(optimizer, settings.tolerance, settings.patience, int(decays))
+        plateau = _Plateau(optimizer, settings.tolerance, settings.patience, int(decays))
         first = None
         steps = 0
         count = len(level.points)
@@ -418,7 +418,7 @@ def register_deformable(
                 first = value if first is None else first
                 if progress is not None:
                     progress(1)
-                if running.converged(value):
+                if plateau.converged(value):
                     break
         field.requires_grad_(False)
         fields.append(field)
@@ -426,7 +426,7 @@ def register_deformable(
         release_freed_memory()
         seconds = time.perf_counter() - start - setup
         report = LevelReport(
-            float(spacing), tuple(grid.shape), float(control), steps, first, running.mean, setup, seconds
+            float(spacing), tuple(grid.shape), float(control), steps, first, plateau.mean, setup, seconds
         )
         reports.append(report)
     spacing = grid.spacing.float()
