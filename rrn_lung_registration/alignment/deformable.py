@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from rrn_lung_registration.alignment.bspline import BSplineField
+from rrn_lung_registration.alignment.prealign import downsample
 from rrn_lung_registration.alignment.threads import few_threads, release_freed_memory
 from rrn_lung_registration.io.spatial import Grid, apply_affine, sample_world, to_matrix
 
@@ -191,20 +192,6 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
 # ------------------------------------------------------------------------------------------------- levels
 
 
-def _pooled(image: torch.Tensor, affine: torch.Tensor, spacing_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block means of ``image (I, J, K)`` to about ``spacing_mm`` (none along axes already as coarse), and
-    their voxel -> world affine (block centres)."""
-    voxel = affine[:3, :3].norm(dim=0)
-    factors = [max(1, min(int(round(spacing_mm / float(s))), n)) for s, n in zip(voxel, image.shape, strict=True)]
-    if max(factors) == 1:
-        return image.float(), affine
-    pooled = F.avg_pool3d(image.float()[None, None], kernel_size=factors, stride=factors)[0, 0]
-    scale = torch.eye(4, dtype=torch.float64)
-    scale[:3, :3] = torch.diag(torch.tensor(factors, dtype=torch.float64))
-    scale[:3, 3] = (torch.tensor(factors, dtype=torch.float64) - 1) / 2
-    return pooled, affine @ scale
-
-
 def _features_at(values: torch.Tensor, voxels: torch.Tensor, hu_window, slab: int = 32) -> torch.Tensor:
     """MIND-SSC features of ``values (I, J, K)`` at ``voxels (M, 3)``: ``(M, 12)``, computed in slabs along the
     first axis (each with the 3-voxel margin the descriptors read), so that the twelve feature volumes of
@@ -245,7 +232,7 @@ class _Level:
         low = settings.hu_window[0]
         self.reach = max(1, math.ceil(settings.reach_mm / spacing))
         points = grid.points(torch.float32)  # float32 mm: far finer than a voxel, half the memory of float64
-        pooled, pooled_affine = _pooled(fixed_mask.float(), fixed_affine, spacing)
+        pooled, pooled_affine = downsample(fixed_mask.float(), fixed_affine, spacing)
         mask = sample_world(pooled, pooled_affine, points, fill=0.0) > 0.25
         grow = round(settings.mask_margin_mm / spacing)
         if grow > 0:
@@ -255,12 +242,12 @@ class _Level:
             raise ValueError("the fixed lung mask is empty on the registration grid.")
         self.voxels = voxels
         self.points = voxels.float() * self.spacing
-        pooled, pooled_affine = _pooled(fixed, fixed_affine, spacing)
+        pooled, pooled_affine = downsample(fixed, fixed_affine, spacing)
         values = sample_world(pooled, pooled_affine, points, fill=low)
         del points
         # (M, 12) in float16 (features in [0, 1]; 3 significant digits are plenty for a squared difference)
         self.fixed = _features_at(values, voxels, settings.hu_window).half()
-        pooled, pooled_affine = _pooled(moving, moving_affine, spacing)
+        pooled, pooled_affine = downsample(moving, moving_affine, spacing)
         wide = Grid(tuple(n + 2 * self.reach for n in grid.shape), grid.affine @ _shift(-self.reach))
         values = sample_world(
             pooled, pooled_affine, apply_affine(prealign.float(), wide.points(torch.float32)), fill=low

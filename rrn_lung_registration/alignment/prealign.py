@@ -68,6 +68,8 @@ def downsample(volume: torch.Tensor, affine, spacing_mm: float) -> tuple[torch.T
     affine = to_matrix(affine)
     spacing = affine[:3, :3].norm(dim=0)
     factors = [max(1, min(int(round(spacing_mm / float(s))), n)) for s, n in zip(spacing, volume.shape, strict=True)]
+    if max(factors) == 1:  # already as coarse: no copy
+        return volume.float(), affine
     pooled = F.avg_pool3d(volume.float()[None, None], kernel_size=factors, stride=factors)[0, 0]
     scale = torch.eye(4, dtype=torch.float64)
     scale[:3, :3] = torch.diag(torch.tensor(factors, dtype=torch.float64))
