@@ -29,7 +29,7 @@ _EXPORTS = {
     "RoIAlign": "roi_align",
     "roi_align": "roi_align",
 }
-_SUBMODULES = ("atomic", "checkpoints", "correlation", "engines", "reference", "roi_align")
+_SUBMODULES = ("atomic", "checkpoints", "correlation", "datasets", "distributed", "engines", "reference", "roi_align")
 
 
 def __getattr__(name: str):
