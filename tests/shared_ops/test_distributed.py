@@ -4,8 +4,6 @@ import socket
 import subprocess
 import sys
 
-from shared_ops.distributed import end_process_group
-
 SCRIPT = """
 import sys
 import torch
@@ -33,4 +31,3 @@ def test_a_run_with_a_live_group_ends_it_and_exits_cleanly():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ended"
-
