@@ -84,7 +84,7 @@ def warp(image: str, field: str, output: str, fill_hu: float = -1000.0) -> None:
 
     Args:
         image: the moving image (any format ``register`` reads).
-        field: an ITK displacement field (LPS mm), e.g. ``displacement_field.nii.gz`` from ``register``.
+        field: an ITK displacement field (LPS mm), e.g. ``displacement_field.nii`` from ``register``.
         output: the warped image (.nii.gz, .nii, .mha or .nrrd).
         fill_hu: value of points mapped outside the image.
     """

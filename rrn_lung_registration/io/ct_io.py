@@ -54,9 +54,10 @@ A NIfTI, MetaImage or NRRD file is checked against its own header before ITK rea
 
 Writing
 -------
-:func:`write_image` writes NIfTI (``.nii``, ``.nii.gz``), MHA (``.mha``) or NRRD (``.nrrd``) through ITK,
-from the tensor's affine, atomically (a temporary file renamed over the target). NIfTI keeps the geometry
-to float32 precision (its header stores float32).
+:func:`write_image` writes NIfTI (``.nii``, ``.nii.gz``), MHA (``.mha``) or NRRD (``.nrrd``) from the
+tensor's affine, atomically (a temporary file renamed over the target): NIfTI through
+:mod:`~rrn_lung_registration.io.nifti` (ITK's header, gzip level 1), the others through ITK. NIfTI keeps
+the geometry to float32 precision (its header stores float32).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from monai.data import ImageReader, ITKReader, MetaTensor
 from monai.data.utils import is_no_channel, orientation_ras_lps
 
 from rrn_lung_registration.io.integrity import verify_image_file
+from rrn_lung_registration.io.nifti import NIFTI_SUFFIXES, write_nifti
 from shared_ops.atomic import atomic_write
 
 __all__ = [
@@ -572,7 +574,8 @@ def write_image(
     The geometry comes from ``affine`` (voxel -> RAS, ``(4, 4)``), by default the ``MetaTensor``'s own, and
     is written as ITK spacing / origin / direction (LPS), so :func:`read_ct` gives the same affine back
     (to float32 precision for NIfTI). Values keep their type where ITK supports it (bool -> uint8,
-    int8 -> int16, float16 -> float32, int64 -> int32 when it fits).
+    int8 -> int16, float16 -> float32, int64 -> int32 when it fits). ``compress`` applies to MHA / NRRD;
+    NIfTI is compressed when the name ends with ``.gz``.
 
     Raises:
         ValueError: an unsupported suffix (``.mhd`` / ``.nhdr`` split headers cannot be written atomically:
@@ -596,6 +599,9 @@ def write_image(
         data = data[0]
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D volume (I, J, K) or (1, I, J, K), got shape {data.shape}.")
+    if name.endswith(NIFTI_SUFFIXES):
+        write_nifti(path, _itk_array(data), affine)
+        return
     spacing, origin, direction = _geometry_from_affine(affine)
     itk_image = itk.image_from_array(np.ascontiguousarray(_itk_array(data).transpose(2, 1, 0)))
     itk_image.SetSpacing([float(s) for s in spacing])
@@ -613,7 +619,8 @@ def write_displacement_field(
 ) -> None:
     """Write ``vectors (I, J, K, 3)`` (LPS mm) as an ITK displacement-field image, atomically.
 
-    ``affine`` is the voxel -> RAS affine of the field's grid; NIfTI, MHA or NRRD by the suffix.
+    ``affine`` is the voxel -> RAS affine of the field's grid; NIfTI, MHA or NRRD by the suffix (``compress``
+    as in :func:`write_image`).
     """
     import itk
 
@@ -623,7 +630,11 @@ def write_displacement_field(
     data = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors)
     if data.ndim != 4 or data.shape[-1] != 3:
         raise ValueError(f"{path}: expected displacement vectors (I, J, K, 3), got shape {data.shape}.")
-    spacing, origin, direction = _geometry_from_affine(np.asarray(torch.as_tensor(affine, dtype=torch.float64)))
+    affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        write_nifti(path, data.astype(np.float32, copy=False), affine, vector=True)
+        return
+    spacing, origin, direction = _geometry_from_affine(affine)
     image = itk.image_from_array(np.ascontiguousarray(data.astype(np.float32).transpose(2, 1, 0, 3)), is_vector=True)
     image.SetSpacing([float(v) for v in spacing])
     image.SetOrigin([float(v) for v in origin])

@@ -255,7 +255,7 @@ def test_register_config_runs_the_physical_space_pipeline_over_the_datalist(trai
     _run(command, bundle_root)
     fixed = nib.load(bundle_root / "data" / "pair_002" / "fixed.nii.gz")
     folder = out / "moving"  # named after the moving file when the pair has no "name"
-    field = nib.load(folder / "displacement_field.nii.gz")
+    field = nib.load(folder / "displacement_field.nii")
     assert field.shape[:3] == fixed.shape and np.allclose(field.affine, fixed.affine, atol=1e-4)
     report = json.loads((folder / "registration.json").read_text())
     assert report["settings"]["weights"].endswith("model.pt") and "network" in report["timings_s"]

@@ -70,7 +70,7 @@ def test_outputs_live_on_the_fixed_grid(registered):
         image = read_ct(output / f"{name}.nii.gz")
         assert image.shape == fixed.shape, name
         np.testing.assert_allclose(image.affine.numpy(), fixed.affine.numpy(), atol=1e-4, err_msg=name)
-    vectors, affine = read_displacement_field(output / "displacement_field.nii.gz")
+    vectors, affine = read_displacement_field(output / "displacement_field.nii")
     assert vectors.shape == (*fixed.shape, 3)
     np.testing.assert_allclose(affine.numpy(), fixed.affine.numpy(), atol=1e-4)
     summary = json.loads((output / "registration.json").read_text())
@@ -88,7 +88,7 @@ def test_itk_resampler_with_the_field_reproduces_the_warped_image(registered, tm
     output = registered["output"]
     write_image(tmp_path / "moving.mha", registered["moving"].float())
     moving = itk.imread(str(tmp_path / "moving.mha"), itk.F)
-    field = itk.imread(str(output / "displacement_field.nii.gz"))
+    field = itk.imread(str(output / "displacement_field.nii"))
     field_d = itk.image_from_array(itk.array_from_image(field).astype(np.float64), is_vector=True)
     field_d.CopyInformation(field)
     transform = itk.DisplacementFieldTransform[itk.D, 3].New()
@@ -102,7 +102,7 @@ def test_itk_resampler_with_the_field_reproduces_the_warped_image(registered, tm
     np.testing.assert_allclose(theirs, ours, atol=0.05)
     # the same through the package's own command
     again = apply_displacement_field(
-        tmp_path / "moving.mha", output / "displacement_field.nii.gz", tmp_path / "w.nii.gz"
+        tmp_path / "moving.mha", output / "displacement_field.nii", tmp_path / "w.nii.gz"
     )
     np.testing.assert_allclose(read_ct(again).numpy(), read_ct(output / "warped_moving.nii.gz").numpy(), atol=0.02)
 
@@ -212,9 +212,9 @@ def test_command_line_register_and_warp(phantom_files, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "TRE" in done.stdout and "registration.json" in done.stdout  # the summary line, then where the details are
     assert json.loads((output / "registration.json").read_text())["tre_mm"]["after"]["count"] == 30
-    assert (output / "displacement_field.nii.gz").is_file() and (output / "overview.png").is_file()
+    assert (output / "displacement_field.nii").is_file() and (output / "overview.png").is_file()
     command = [sys.executable, "-m", "rrn_lung_registration", "warp", str(phantom_files / "moving.nii.gz"),
-               str(output / "displacement_field.nii.gz"), str(tmp_path / "again.nii.gz")]  # fmt: skip
+               str(output / "displacement_field.nii"), str(tmp_path / "again.nii.gz")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     np.testing.assert_allclose(
@@ -261,13 +261,13 @@ def test_bad_inputs_name_the_file_and_write_nothing(phantom_files, tmp_path):
 
 
 def test_a_field_that_does_not_match_the_image(registered, tmp_path):
-    field = registered["output"] / "displacement_field.nii.gz"
+    field = registered["output"] / "displacement_field.nii"
     image = read_ct(registered["output"] / "warped_moving.nii.gz")
     far = image.affine.clone()
     far[:3, 3] += 5000.0  # the same image a few metres away
     elsewhere = tmp_path / "elsewhere.nii.gz"
     write_image(elsewhere, image, far)
-    with pytest.raises(ValueError, match="displacement_field.nii.gz does not match .*elsewhere.nii.gz"):
+    with pytest.raises(ValueError, match="displacement_field.nii does not match .*elsewhere.nii.gz"):
         apply_displacement_field(elsewhere, field, tmp_path / "out.nii.gz")
     with pytest.raises(ValueError, match="warped_moving.nii.gz: expected a displacement field"):
         apply_displacement_field(elsewhere, registered["output"] / "warped_moving.nii.gz", tmp_path / "out.nii.gz")

@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 RESULTS = {
     "warped": "warped_moving.nii.gz",
     "jacobian": "jacobian_determinant.nii.gz",
-    "displacement": "displacement_field.nii.gz",
+    "displacement": "displacement_field.nii",
     "fixed_lung_mask": "fixed_lung_mask.nii.gz",
 }
 
