@@ -136,9 +136,16 @@ _PAIRS = tuple(
 )
 
 
-def _box_mean(volume: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a ``(2 radius + 1)^3`` box around each voxel of ``volume (1, C, I, J, K)``, borders repeated."""
-    return F.avg_pool3d(F.pad(volume, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
+def _box_sum(volume: torch.Tensor, radius: int) -> torch.Tensor:
+    """Sum over a ``(2 radius + 1)^3`` box of ``volume (1, C, I, J, K)``, where the box fits: ``(1, C, I - 2
+    radius, ...)``. Separable: three passes of ``2 radius`` additions."""
+    for axis in range(2, 5):
+        length = volume.shape[axis] - 2 * radius
+        total = volume.narrow(axis, 0, length).clone()
+        for offset in range(1, 2 * radius + 1):
+            total += volume.narrow(axis, offset, length)
+        volume = total
+    return volume
 
 
 def _grow(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -154,33 +161,55 @@ def _grow(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return volume[0, 0] > 0
 
 
+def _pair_sources(dilation: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """For each MIND-SSC pair ``(a, b)``: ``(d, s)`` with ``(I(x + a) - I(x + b))^2 = C_d(x + s)``, ``C_d(y) =
+    (I(y + d) - I(y))^2``. Pairs whose offsets differ by ``-d`` share ``C_d``: six images serve twelve."""
+    sources: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for a, b in _PAIRS:
+        offset_a = tuple(dilation * v for v in _NEIGHBOURS[a])
+        offset_b = tuple(dilation * v for v in _NEIGHBOURS[b])
+        d = tuple(x - y for x, y in zip(offset_a, offset_b, strict=True))
+        flipped = tuple(-v for v in d)
+        if any(known == flipped for known, _ in sources):
+            sources.append((flipped, offset_a))  # = C_{b - a}(x + a)
+        else:
+            sources.append((d, offset_b))
+    return sources
+
+
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
     """MIND-SSC features ``(1, 12, I, J, K)`` of ``image (1, 1, I, J, K)``.
 
-    For each of the twelve neighbour pairs ``(a, b)``: the patch distance ``D = box_mean((I(x + a) - I(x +
+    For each of the twelve neighbour pairs ``(a, b)``: the patch distance ``D = box((I(x + a) - I(x +
     b))^2)`` over a ``(2 radius + 1)^3`` box; features ``exp(-D / V)`` with ``V`` the mean of the twelve
     distances (clamped to [0.001, 1000] times its mean over the image), divided by their maximum over the
-    channels (Heinrich et al., MICCAI 2013). Borders repeat the edge voxels. One channel at a time and in
-    place: the peak memory is about 16 volumes of the image, the twelve features included.
+    channels (Heinrich et al., MICCAI 2013). The image is extended by repeating its edge voxels.
+
+    Twelve pairs but six distinct squared differences (a pair and its mirror image are the same difference,
+    shifted): each is computed and box-summed once (separably) on the grid grown by the reach of the
+    shifts, and the channels are its shifted windows. Box sums stand for box means: ``D / V`` does not
+    change with the scale of ``D``.
     """
     if image.ndim != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"mind_ssc expects an image (1, 1, I, J, K), got {tuple(image.shape)}.")
-    pad, size = dilation, image.shape[2:]
+    size = image.shape[2:]
+    margin = dilation + radius  # C_d is needed at x + s (|s| <= dilation), boxed over +-radius
+    pad = margin + dilation  # and reads the image at y + d (|d| <= dilation per axis)
     padded = F.pad(image, (pad,) * 6, mode="replicate")
-    neighbours = [  # views of the image read at x + dilation * offset
-        padded[
-            :,
-            :,
-            pad + dilation * o[0] : pad + dilation * o[0] + size[0],
-            pad + dilation * o[1] : pad + dilation * o[1] + size[1],
-            pad + dilation * o[2] : pad + dilation * o[2] + size[2],
-        ]
-        for o in _NEIGHBOURS
-    ]
+    span = tuple(n + 2 * margin for n in size)
+
+    sources = _pair_sources(dilation)
+    windows = {  # the image at y + offset for y from -margin over span: a view for each offset used
+        offset: padded[(..., *(slice(dilation + o, dilation + o + n) for o, n in zip(offset, span, strict=True)))]
+        for offset in {(0, 0, 0), *(d for d, _ in sources)}
+    }
+    boxed = {d: _box_sum(torch.sub(windows[d], windows[(0, 0, 0)]).square_(), radius) for d, _ in sources}
+    del padded, windows
     features = image.new_empty(1, len(_PAIRS), *size)
-    for channel, (a, b) in enumerate(_PAIRS):
-        features[:, channel : channel + 1] = _box_mean(torch.sub(neighbours[a], neighbours[b]).square_(), radius)
-    del padded, neighbours
+    for channel, (d, s) in enumerate(sources):  # boxed[d] starts at y = -dilation
+        i, j, k = (dilation + v for v in s)
+        features[:, channel] = boxed[d][:, 0, i : i + size[0], j : j + size[1], k : k + size[2]]
+    del boxed
     variance = features.mean(dim=1, keepdim=True)
     level = float(variance.mean())
     variance.clamp_(min=max(level * 1e-3, 1e-12), max=max(level * 1e3, 1e-12))

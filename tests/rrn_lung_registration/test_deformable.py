@@ -81,6 +81,39 @@ def test_mind_features_ignore_the_intensity_scale():
         mind_ssc(torch.rand(12, 14, 16))
 
 
+def _mind_by_definition(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC straight from its definition, voxel windows read with numpy (valid away from the border)."""
+    volume = image[0, 0].double().numpy()
+    pad = dilation + radius
+    padded = np.pad(volume, pad, mode="edge")
+    size = volume.shape
+    offsets = [np.array(o) * dilation for o in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))]
+
+    def read(start, shift):
+        return padded[tuple(slice(s + v, s + v + n) for s, v, n in zip(start, shift, size, strict=True))]
+
+    distances = []
+    for a in range(6):
+        for b in range(a + 1, 6):
+            if np.dot(offsets[a], offsets[b]) != 0:
+                continue  # opposite neighbours are not a pair
+            total = np.zeros(size)
+            for box in np.ndindex(*(2 * radius + 1,) * 3):
+                at = [pad + o - radius for o in box]
+                total += (read(at, offsets[a]) - read(at, offsets[b])) ** 2
+            distances.append(total / (2 * radius + 1) ** 3)
+    distance = np.stack(distances)
+    features = np.exp(-distance / distance.mean(axis=0))
+    return torch.from_numpy(features / features.max(axis=0))[None].float()
+
+
+def test_mind_features_match_their_definition_away_from_the_border():
+    torch.manual_seed(1)
+    image = torch.rand(1, 1, 15, 13, 17)
+    inner = (..., slice(3, -3), slice(3, -3), slice(3, -3))  # dilation 2 + radius 1 from each face
+    torch.testing.assert_close(mind_ssc(image)[inner], _mind_by_definition(image)[inner], atol=1e-5, rtol=1e-5)
+
+
 def _box(shape, spacing) -> Grid:
     affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
     return Grid(shape, affine)
