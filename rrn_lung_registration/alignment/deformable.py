@@ -251,7 +251,8 @@ class _Level:
         grid: the level's grid over the box; ``spacing`` ``(3,)`` mm per axis.
         voxels: ``(M, 3)`` level voxels of the sample points; ``points``: the same as ``q`` (mm, box frame);
             ``fixed``: ``(M, 12)`` their fixed features (float16).
-        moving: ``(1, 12, I + 2r, J + 2r, K + 2r)`` moving features on the grid grown by ``reach`` voxels.
+        moving: the moving features on the grid grown by ``reach`` voxels, ``(I + 2r, J + 2r, K + 2r)``, as
+            :class:`_ChannelLast` rows (float16).
     """
 
     def __init__(self, grid, fixed, fixed_affine, moving, moving_affine, prealign, fixed_mask, settings) -> None:
@@ -281,8 +282,7 @@ class _Level:
         values = sample_world(
             pooled, pooled_affine, apply_affine(prealign.float(), wide.points(torch.float32)), fill=low
         )
-        self.moving = _features(values, settings.hu_window)
-        self.size = torch.tensor(self.moving.shape[2:], dtype=torch.float32) - 1
+        self.moving = _ChannelLast(_features(values, settings.hu_window))
 
     def at_points(self, fields: Sequence[BSplineField], slab: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """The sum of ``fields`` ``(M, 3)`` and its gradient ``(M, 3, 3)`` at the sample points."""
@@ -302,10 +302,39 @@ class _Level:
 
     def moving_at(self, q: torch.Tensor) -> torch.Tensor:
         """Moving features ``(N, 12)`` at box points ``q (N, 3)`` mm (trilinear, border values outside)."""
-        voxels = q / self.spacing + self.reach
-        grid = (2.0 * voxels / self.size - 1.0).flip(-1).reshape(1, -1, 1, 1, 3)
-        sampled = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        return sampled.reshape(self.moving.shape[1], -1).T
+        return self.moving.at(q / self.spacing + self.reach)
+
+
+class _ChannelLast:
+    """A feature volume ``(1, C, I, J, K)`` stored as rows ``(I * J * K, C)`` in float16, sampled trilinearly.
+
+    Each corner of a sample is one contiguous row, and the gradient flows to the points only: forward and
+    backward over 8 k points take a quarter of ``grid_sample``'s time on a 12-channel volume (whose backward
+    also walks the volume), at half the memory.
+    """
+
+    def __init__(self, volume: torch.Tensor) -> None:
+        shape = volume.shape[2:]
+        self.rows = volume[0].permute(1, 2, 3, 0).reshape(-1, volume.shape[1]).half()
+        self.last = torch.tensor(shape, dtype=torch.float32) - 1
+        self.strides = (shape[1] * shape[2], shape[2], 1)
+
+    def at(self, voxels: torch.Tensor) -> torch.Tensor:
+        """Features ``(N, C)`` float32 at ``voxels (N, 3)`` (clamped to the volume: border values outside)."""
+        voxels = torch.minimum(voxels.clamp(min=0.0), self.last)
+        base = voxels.detach().floor().minimum(self.last - 1).clamp(min=0.0)
+        weight = voxels - base  # (N, 3), carries the gradient
+        index = (base.long() * torch.tensor(self.strides)).sum(1)
+        out = 0.0
+        for dx in (0, 1):
+            wx = weight[:, 0] if dx else 1.0 - weight[:, 0]
+            for dy in (0, 1):
+                wxy = wx * (weight[:, 1] if dy else 1.0 - weight[:, 1])
+                for dz in (0, 1):
+                    w = wxy * (weight[:, 2] if dz else 1.0 - weight[:, 2])
+                    corner = self.rows[index + (dx * self.strides[0] + dy * self.strides[1] + dz)]
+                    out = out + w[:, None] * corner.float()
+        return out
 
 
 def _shift(voxels: float) -> torch.Tensor:

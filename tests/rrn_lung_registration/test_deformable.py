@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rrn_lung_registration.alignment.bspline import BSplineField
 from rrn_lung_registration.alignment.deformable import (
     DeformableSettings,
+    _ChannelLast,
     _Plateau,
     finest_spacing,
     mind_ssc,
@@ -112,6 +114,24 @@ def test_mind_features_match_their_definition_away_from_the_border():
     image = torch.rand(1, 1, 15, 13, 17)
     inner = (..., slice(3, -3), slice(3, -3), slice(3, -3))  # dilation 2 + radius 1 from each face
     torch.testing.assert_close(mind_ssc(image)[inner], _mind_by_definition(image)[inner], atol=1e-5, rtol=1e-5)
+
+
+def test_feature_rows_sample_like_grid_sample_inside_and_beyond_the_border():
+    torch.manual_seed(0)
+    volume = torch.rand(1, 12, 9, 11, 13)
+    last = torch.tensor([8.0, 10.0, 12.0])
+    voxels = torch.cat([torch.rand(500, 3) * last, torch.rand(50, 3) * (last + 6) - 3, last[None], torch.zeros(1, 3)])
+    voxels.requires_grad_(True)
+    grid = (2 * voxels / last - 1).flip(-1).reshape(1, -1, 1, 1, 3)
+    expected = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    expected = expected.reshape(12, -1).T
+    sampled = _ChannelLast(volume).at(voxels)
+    torch.testing.assert_close(sampled, expected, atol=5e-4, rtol=0)  # rows are float16
+    weights = torch.rand(12)
+    (grad,) = torch.autograd.grad((sampled * weights).sum(), voxels)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), voxels)
+    inside = ((voxels > 0.01) & (voxels < last - 0.01)).all(1)  # grid_sample's gradient at a face is one-sided
+    torch.testing.assert_close(grad[inside], expected_grad[inside], atol=5e-3, rtol=0)
 
 
 def _box(shape, spacing) -> Grid:
