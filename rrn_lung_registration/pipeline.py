@@ -228,7 +228,8 @@ class RegistrationResult:
     Attributes:
         transform: fixed RAS mm -> moving RAS mm.
         fixed_mask, moving_mask: lung masks ``(I, J, K)`` bool on each image's grid.
-        grid_images: ``fixed``, ``moving`` (no pre-alignment), ``warped`` on the transform's grid, in HU.
+        overview_images: ``fixed``, ``moving`` (no pre-alignment), ``warped`` in HU on the overview's plane
+            (:func:`overview_plane`), ``(I, 1, K)``.
         timings: seconds per stage.
         levels: without weights, one
             :class:`~rrn_lung_registration.alignment.deformable.LevelReport` per level of the optimisation.
@@ -237,7 +238,7 @@ class RegistrationResult:
     transform: RegistrationTransform
     fixed_mask: np.ndarray
     moving_mask: np.ndarray
-    grid_images: dict[str, torch.Tensor]
+    overview_images: dict[str, torch.Tensor]
     timings: dict[str, float]
     levels: list = field(default_factory=list)
 
@@ -362,14 +363,14 @@ class LungRegistration:
                 ddf = self._network_displacement(fixed_hu, aligned_hu, timings)
         transform = RegistrationTransform(matrix, grid, ddf)
         with _timed(timings, "resample_for_overview"):
-            points = grid.points()
+            points = overview_plane(grid).points()
             moved = transform.map_points(points).float()
-            grid_images = {
+            images = {
                 "fixed": sample_world(fixed.as_tensor(), fixed_grid.affine, points, fill=settings.fill_hu),
                 "moving": sample_world(moving.as_tensor(), moving_grid.affine, points, fill=settings.fill_hu),
                 "warped": sample_world(moving.as_tensor(), moving_grid.affine, moved, fill=settings.fill_hu),
             }
-        return RegistrationResult(transform, fixed_mask, moving_mask, grid_images, timings, levels)
+        return RegistrationResult(transform, fixed_mask, moving_mask, images, timings, levels)
 
     def _mask(self, image: MetaTensor, grid: Grid, source: str) -> np.ndarray:
         return lung_mask(
@@ -503,14 +504,20 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> N
         writer.writerows(rows)
 
 
-def _grid_displacement_voxels(transform: RegistrationTransform) -> np.ndarray:
-    """``phi - id`` on the network grid, in grid voxels ``(3, *grid)``, for the overview."""
-    grid = transform.grid
-    out = torch.empty(3, *grid.shape, dtype=torch.float32)
-    for k0, k1 in grid.slabs(max_points=1 << 20):
-        voxels = grid.world_to_voxel(transform.map_points(grid.points(torch.float64, (k0, k1))))
-        out[:, :, :, k0:k1] = torch.movedim(voxels - grid.voxels(torch.float64, (k0, k1)), -1, 0)
-    return out.numpy()
+def overview_plane(grid: Grid) -> Grid:
+    """The plane ``overview.png`` shows: the middle one along the second axis of ``grid``, ``(I, 1, K)``."""
+    shift = torch.eye(4, dtype=torch.float64)
+    shift[1, 3] = grid.shape[1] // 2
+    return Grid((grid.shape[0], 1, grid.shape[2]), grid.affine @ shift)
+
+
+def _overview_fields(transform: RegistrationTransform) -> tuple[np.ndarray, np.ndarray]:
+    """On the overview's plane: ``phi - id`` in transform-grid voxels ``(3, I, 1, K)`` and ``det D phi``."""
+    grid, middle = transform.grid, transform.grid.shape[1] // 2
+    points = overview_plane(grid).points(torch.float64)
+    voxels = grid.world_to_voxel(transform.map_points(points)) - grid.world_to_voxel(points)
+    jacobian = transform.jacobian_on_grid()[:, middle : middle + 1, :]
+    return torch.movedim(voxels, -1, 0).float().numpy(), jacobian.numpy()
 
 
 def write_outputs(
@@ -574,12 +581,13 @@ def write_outputs(
             if implausible:
                 logger.warning("%s: %s", output, implausible)
                 summary["warnings"].append(implausible)
-            images = result.grid_images
+            images = result.overview_images
+            displacement_voxels, plane_jacobian = _overview_fields(transform)
             save_overview(
                 target("overview.png"),
                 images["fixed"].numpy(), images["moving"].numpy(), images["warped"].numpy(),
-                _grid_displacement_voxels(transform), spacing=transform.grid.spacing.tolist(), axis=1,
-                jacobian=transform.jacobian_on_grid().numpy(),
+                displacement_voxels, spacing=transform.grid.spacing.tolist(), axis=1, index=0,
+                jacobian=plane_jacobian,
             )  # fmt: skip
             if fixed_landmarks is not None and moving_landmarks is not None:
                 errors, warped_points = landmark_report(
