@@ -275,6 +275,16 @@ def test_registration_returns_warped_image_and_jacobian_on_the_fixed_grid(radiol
     after = np.abs(warped.numpy() - fixed.numpy())[lungs].mean()
     assert after < 0.8 * before, f"mean |difference| in the lungs {before:.1f} HU -> {after:.1f} HU"
 
+    # the displacement field is the pipeline's uncompressed .nii: it must arrive as one, not renamed .nii.gz
+    status, content_type, body = _infer(radiology, "registration", "case1_exhale", {"result": "displacement"})
+    assert status == 200, body[:500]
+    field = _multipart(content_type, body)["image"]
+    assert field[:2] != b"\x1f\x8b"  # not gzip
+    (tmp_path / "field.nii").write_bytes(field)
+    vectors, affine = ct_io.read_displacement_field(tmp_path / "field.nii")
+    assert vectors.shape == (*fixed.shape, 3) and torch.isfinite(vectors).all()
+    np.testing.assert_allclose(affine.numpy(), fixed.affine.numpy(), atol=1e-4)
+
 
 @pytest.mark.parametrize(
     ("image", "params", "status", "words"),

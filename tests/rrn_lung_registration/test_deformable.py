@@ -135,6 +135,14 @@ def test_feature_rows_sample_like_grid_sample_inside_and_beyond_the_border():
     torch.testing.assert_close(grad[inside], expected_grad[inside], atol=5e-3, rtol=0)
 
 
+def test_features_computed_in_slabs_equal_those_of_the_whole_volume():
+    torch.manual_seed(0)
+    values = torch.rand(70, 23, 19) * 1000 - 1000  # HU
+    whole = _ChannelLast(mind_ssc((values + 1000.0)[None, None] / 1000.0))
+    for slab in (16, 32, 100):
+        torch.testing.assert_close(_ChannelLast.mind(values, (-1000.0, 0.0), slab=slab).rows, whole.rows)
+
+
 def _box(shape, spacing) -> Grid:
     affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
     return Grid(shape, affine)

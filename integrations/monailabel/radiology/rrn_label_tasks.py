@@ -385,7 +385,8 @@ class LungPairRegistration(InferTask):
         folder, cached = self.register(moving, fixed)
         registered_s = time.perf_counter() - start
         source = folder / RESULTS[choice]
-        output = _result_path(f"registration-{choice}")
+        suffix = ".nii.gz" if source.name.endswith(".nii.gz") else source.suffix  # the field is plain .nii
+        output = _result_path(f"registration-{choice}", suffix)
         atomic_write(output, lambda tmp: shutil.copyfile(source, tmp))
         summary = json.loads((folder / "registration.json").read_text())
         params = {
