@@ -20,7 +20,9 @@ construction. Each level:
 2. keeps as sample points the level voxels inside the fixed lung mask grown by ``mask_margin_mm`` (the lungs
    slide along the chest wall: the wall's motion is not the lungs', and the similarity looks at the lungs);
 3. minimises with Adam, on ``samples`` random sample points per step (a stochastic gradient, as elastix
-   does): the mean squared MIND difference + ``smoothness`` * the roughness of the level's coefficients +
+   does), each moved to a random place within its voxel (``jitter``: fixed and moving features are then
+   both interpolated, so the optimum does not depend on where the level's grid falls): the mean squared
+   MIND difference + ``smoothness`` * the roughness of the level's coefficients +
    ``folding`` * the mean of ``relu(min_jacobian - det(I + grad u))^2`` (keeps ``det J > 0``, from the exact
    B-spline gradient);
 4. halves the learning rate whenever the loss (a running mean) stops improving, and stops at the
