@@ -562,8 +562,8 @@ def write_outputs(
         start = time.perf_counter()
         fill = settings.fill_hu if settings else -1000.0
         warped, displacement, jacobian = _resampled_outputs(moving, transform, fixed_grid, fill)
-        # The volumes are compressed on two threads (zlib releases the GIL) while this one goes on; leaving
-        # the block waits for them, also on an error (before the staging folder is removed).
+        # The volumes are written on two threads (zlib compresses with the GIL released) while this one goes on;
+        # leaving the block waits for them, also on an error (before the staging folder is removed).
         affine = fixed_grid.affine
         with ThreadPoolExecutor(2, thread_name_prefix="write-outputs") as writers:
             writes = [

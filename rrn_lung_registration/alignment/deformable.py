@@ -268,7 +268,7 @@ class _Level:
         pooled, pooled_affine = downsample(fixed, fixed_affine, spacing)
         values = sample_world(pooled, pooled_affine, points, fill=low)
         del points
-        # (M, 12) in float16 (features in [0, 1]; 3 significant digits are plenty for a squared difference)
+        # float16 rows (features in [0, 1]; 3 significant digits are plenty for a squared difference)
         self.fixed = _ChannelLast.mind(values, settings.hu_window)
         pooled, pooled_affine = downsample(moving, moving_affine, spacing)
         wide = Grid(tuple(n + 2 * self.reach for n in grid.shape), grid.affine @ _shift(-self.reach))
