@@ -20,8 +20,8 @@ construction. Each level:
 2. keeps as sample points the level voxels inside the fixed lung mask grown by ``mask_margin_mm`` (the lungs
    slide along the chest wall: the wall's motion is not the lungs', and the similarity looks at the lungs);
 3. minimises with Adam, on ``samples`` random sample points per step (a stochastic gradient, as elastix
-   does), each moved to a random place within its voxel (``jitter``: fixed and moving features are then
-   both interpolated, so the optimum does not depend on where the level's grid falls): the mean squared
+   does), each moved to a random place within its voxel (fixed and moving features are then both
+   interpolated, so the optimum does not depend on where the level's grid falls): the mean squared
    MIND difference + ``smoothness`` * the roughness of the level's coefficients +
    ``folding`` * the mean of ``relu(min_jacobian - det(I + grad u))^2`` (keeps ``det J > 0``, from the exact
    B-spline gradient);
@@ -68,9 +68,6 @@ class DeformableSettings:
         reach_mm: the moving image is sampled this far beyond the fixed box.
         hu_window: HU clipped to this range before the features.
         max_voxels: largest level grid (voxels) the finest automatic spacing may make.
-        jitter: each step's sample points are moved to random places within their voxels, and the fixed
-            features interpolated there like the moving ones (``False``: the voxel centres, fixed features
-            as computed there).
         tolerance, patience, decays: a plateau is less than ``tolerance`` relative improvement of the loss
             (a running mean) over ``patience`` steps; each plateau halves the learning rate, and the
             ``decays + 1``-th ends the level (few decays on the coarse levels: the next level goes on).
@@ -89,7 +86,6 @@ class DeformableSettings:
     reach_mm: float = 6.0
     hu_window: tuple[float, float] = (-1000.0, 0.0)
     max_voxels: int = 16_000_000
-    jitter: bool = True
     tolerance: float = 5e-4
     patience: int = 20
     decays: Sequence[int] = (1, 1, 3)
@@ -122,7 +118,7 @@ class LevelReport:
 
 #: The finest level stays this much coarser than the images' smallest voxel side: measured on the
 #: benchmark's one-lung pair (1.37 mm voxels), TRE mean / median 0.252 / 0.236 mm at 1.37 mm against 0.226 /
-#: 0.212 at 1.41 mm and 0.227 / 0.209 at 1.46 mm (with ``jitter``).
+#: 0.212 at 1.41 mm and 0.227 / 0.209 at 1.46 mm.
 NATIVE_MARGIN = 1.065
 
 
@@ -334,10 +330,6 @@ class _ChannelLast:
             table.rows[start * plane : stop * plane] = features.permute(1, 2, 3, 0).reshape(-1, len(_PAIRS))
         return table
 
-    def at_voxels(self, voxels: torch.Tensor) -> torch.Tensor:
-        """Features ``(N, C)`` float32 at integer ``voxels (N, 3)``."""
-        return self.rows[(voxels * torch.tensor(self.strides)).sum(1)].float()
-
     def at(self, voxels: torch.Tensor) -> torch.Tensor:
         """Features ``(N, C)`` float32 at ``voxels (N, 3)`` (clamped to the volume: border values outside)."""
         voxels = torch.minimum(voxels.clamp(min=0.0), self.last)
@@ -455,8 +447,7 @@ def register_deformable(
             continue
         level = _Level(grid, fixed, fixed_affine, moving, moving_affine, prealign, fixed_mask, settings)
         base_u, base_grad = level.at_points(fields)  # the coarser levels' field: fixed from now on
-        if settings.jitter:
-            level.voxels = None  # needed for that only
+        level.voxels = None  # needed for that only
         field = BSplineField(extent, float(control))
         optimizer = torch.optim.Adam(field.parameters(), lr=float(rate))
         plateau = _Plateau(optimizer, settings.tolerance, settings.patience, int(decays))
@@ -469,14 +460,12 @@ def register_deformable(
                 steps += 1
                 pick = torch.randint(count, (min(int(samples), count),), generator=generator)
                 q = level.points[pick]
-                if settings.jitter:  # anywhere in the sample's voxel: both images interpolated alike
-                    shift = (torch.rand(q.shape, generator=generator) - 0.5) * level.spacing
-                    q = q + shift
-                    # the coarser levels' field there, to first order (their splines are 12 mm and wider)
-                    base = base_u[pick] + (base_grad[pick] @ shift[:, :, None])[:, :, 0]
-                    target = level.fixed.at(q / level.spacing)
-                else:
-                    base, target = base_u[pick], level.fixed.at_voxels(level.voxels[pick])
+                # anywhere in the sample's voxel: fixed and moving features both interpolated
+                shift = (torch.rand(q.shape, generator=generator) - 0.5) * level.spacing
+                q = q + shift
+                # the coarser levels' field there, to first order (their splines are 12 mm and wider)
+                base = base_u[pick] + (base_grad[pick] @ shift[:, :, None])[:, :, 0]
+                target = level.fixed.at(q / level.spacing)
                 similarity = (level.moving_at(q + field(q) + base) - target).square().mean()
                 loss = similarity + settings.smoothness * field.roughness()
                 if settings.folding > 0:  # the Jacobian at fewer points: the field is smooth
