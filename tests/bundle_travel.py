@@ -72,9 +72,12 @@ def offline_env() -> dict[str, str]:
     return env
 
 
-def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True):
-    """Run ``command``; with ``check``, a failure shows the command and the end of its output."""
-    result = subprocess.run(command, cwd=cwd, env=env or offline_env(), capture_output=True, text=True, timeout=TIMEOUT)
+def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True, **kwargs):
+    """Run ``command`` (``kwargs`` go to ``subprocess.run``); with ``check``, a failure shows the command and the end
+    of its output."""
+    result = subprocess.run(
+        command, cwd=cwd, env=env or offline_env(), capture_output=True, text=True, timeout=TIMEOUT, **kwargs
+    )
     if check:
         assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result

@@ -1,25 +1,29 @@
-"""Make MONAI Deploy App SDK 0.5.1 importable next to this project's MONAI without installing it into the venv.
+"""Make MONAI Deploy App SDK 4.0.0 importable next to this project's MONAI without installing it into the venv.
 
-Why not ``pip install monai-deploy-app-sdk`` into the project's environment:
+Why not ``pip install monai-deploy-app-sdk`` into the project's environment: the SDK puts its code into MONAI's
+own package folder (``monai/deploy``), and ``import monai`` (MONAI 1.6) then imports every module under it. In
+4.0.0 those modules need, at import, Holoscan (``holoscan-cu13``), Triton's client (``tritonclient`` with its
+HTTP and gRPC stacks), ``pydicom`` 3 and ``highdicom``; the project's environment holds ``pydicom`` 2 (MONAI
+Label's server needs it). Installed there, the SDK would change what ``import monai`` does for every user of the
+environment.
 
-- releases from 0.6 on require Holoscan (``holoscan``, later ``holoscan-cu12`` / ``holoscan-cu13``, with CUDA
-  libraries), which cannot run on this project's CPU-only environment;
-- 0.5.1, the last release without Holoscan, installs cleanly next to torch 2.13 (its requirements are numpy,
-  networkx, colorama and typeguard), but it puts its code into MONAI's own package folder (``monai/deploy``),
-  and ``import monai`` (MONAI 1.6) then imports every module under it. Those modules need ``pkg_resources``
-  (setuptools < 81; this venv has a newer setuptools), ``pydicom`` and ``highdicom`` at import: without them
-  ``import monai`` itself fails, for every user of the environment.
+So this script installs the SDK and exactly the packages its import needs (``--no-deps``, pinned, measured here;
+none of them is torch) into a folder of their own, and builds beside it a ``monai`` package made of links to the
+installed MONAI's files plus the SDK's ``deploy`` folder. A process started with ``PYTHONPATH=<the two folders>``
+(what :func:`pythonpath` returns) sees MONAI with the SDK inside it, exactly as a normal install of the SDK lays
+it out; every other process keeps the environment unchanged.
 
-So this script installs the SDK and those three packages (``--no-deps``, pinned) into a folder of their own, and
-builds beside it a ``monai`` package made of links to the installed MONAI's files plus the SDK's ``deploy``
-folder. A process started with ``PYTHONPATH=<the two folders>`` (what :func:`pythonpath` returns) sees MONAI
-with the SDK inside it, exactly as a normal install of the SDK would lay it out; every other process keeps the
-environment unchanged.
+``holoscan-cu13`` is an "axle" wheel: its shared libraries' version links (``libholoscan_core.so.4`` ->
+``libholoscan_core.so.4.6.0``) are listed in ``<dist-info>/symlinks.txt`` and made by a ``.pth`` hook on first
+import from a site directory. A ``PYTHONPATH`` entry is not a site directory, so :func:`build` makes them.
 
-    python integrations/monai_deploy/sdk_overlay.py ~/.cache/monai-rrn-roigan/deploy-sdk-0.5.1
+Holoscan runs here without a GPU: it warns that the CUDA driver is missing and handles data on the CPU. It also
+asks for a main-thread stack of at least 32 MiB (``ulimit -s 32768``) and warns below that.
+
+    python integrations/monai_deploy/sdk_overlay.py ~/.cache/monai-rrn-roigan/deploy-sdk-4.0.0
     PYTHONPATH=$(python integrations/monai_deploy/sdk_overlay.py ~/.cache/...) python integrations/monai_deploy/...
 
-pip reads the package registry for the first run only; the folder is reused afterwards.
+pip reads the package registry for the first run only (about 220 MB); the folder is reused afterwards.
 """
 
 from __future__ import annotations
@@ -30,15 +34,31 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: What the SDK 0.5.1 import needs next to MONAI 1.6 and torch 2.13, as measured here (all installed --no-deps).
+SDK_VERSION = "4.0.0"
+#: What the SDK 4.0.0 import needs next to MONAI 1.6 and torch 2.13, as measured here (all installed --no-deps).
 PACKAGES = (
-    "monai-deploy-app-sdk==0.5.1",
+    f"monai-deploy-app-sdk=={SDK_VERSION}",
     "typeguard==4.6.1",
     "colorama==0.4.6",
-    "setuptools==80.10.2",  # pkg_resources
-    "pydicom==2.4.5",
-    "highdicom==0.22.0",
+    # Holoscan, the SDK's application framework
+    "holoscan-cu13==4.6.0",
+    "cloudpickle==3.1.3",
+    # tritonclient (monai.deploy.core.models imports its HTTP and gRPC clients)
+    "tritonclient==2.73.0",
+    "ml-dtypes==0.5.4",
+    "python-rapidjson==1.25",
+    "geventhttpclient==2.6.1",
+    "gevent==26.9.0",
+    "greenlet==3.3.2",
+    "zope.event==6.2",
+    "zope.interface==8.7",
+    "brotli==1.2.1",
+    "grpcio==1.85.3",
+    # the SDK's DICOM operators (imported with monai.deploy.operators)
+    "pydicom==3.0.1",
+    "highdicom==0.28.2",
 )
+MARKER = f"monai_deploy_app_sdk-{SDK_VERSION}.dist-info"
 
 
 def _installed_monai() -> Path:
@@ -50,6 +70,39 @@ def _installed_monai() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _relink(link: Path, source: Path) -> None:
+    """Make ``link`` a symbolic link to ``source`` (replacing whatever is there)."""
+    if link.is_symlink() and Path(os.readlink(link)) == source:
+        return
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(source, target_is_directory=source.is_dir())
+
+
+def make_axle_links(site: Path) -> int:
+    """Create the links that axle wheels in ``site`` list in ``<dist-info>/symlinks.txt``; return how many.
+
+    Each line is ``<name>.data/<scheme>/<path>,<target>,<flag>``: ``<path>`` (relative to the install folder) is
+    to become a link to ``<target>`` (relative to the link's folder). Links that would leave ``site`` are refused.
+    """
+    made = 0
+    root = site.resolve()
+    for listing in sorted(site.glob("*.dist-info/symlinks.txt")):
+        for number, line in enumerate(listing.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            path, target, *_ = line.split(",")
+            parts = Path(path).parts
+            relative = Path(*parts[2:]) if len(parts) > 2 and parts[0].endswith(".data") else Path(path)
+            link = site / relative
+            if not (link.parent / target).resolve().is_relative_to(root) or not link.resolve().is_relative_to(root):
+                raise ValueError(f"{listing}:{number}: link {path} -> {target} leaves {site}")
+            if not link.is_symlink() and not link.exists():
+                link.symlink_to(target)
+                made += 1
+    return made
+
+
 def build(folder: str | os.PathLike, python: str = sys.executable) -> list[Path]:
     """Install the SDK into ``folder`` (once) and return the PYTHONPATH entries that make it importable.
 
@@ -58,7 +111,7 @@ def build(folder: str | os.PathLike, python: str = sys.executable) -> list[Path]
     """
     folder = Path(folder).expanduser().resolve()
     site, overlay = folder / "site", folder / "monai_overlay"
-    if not (site / "monai" / "deploy" / "__init__.py").is_file():
+    if not (site / MARKER).is_dir():
         env = dict(os.environ)
         constraints = Path(__file__).resolve().parents[2] / "constraints.txt"
         if constraints.is_file():
@@ -68,18 +121,15 @@ def build(folder: str | os.PathLike, python: str = sys.executable) -> list[Path]
              "--target", str(site), *PACKAGES],
             check=True, env=env, stdout=subprocess.DEVNULL,
         )  # fmt: skip
+    make_axle_links(site)
     package = overlay / "monai"
     package.mkdir(parents=True, exist_ok=True)
-    monai_dir = _installed_monai()
-    wanted = {entry.name: entry for entry in monai_dir.iterdir() if entry.name != "deploy"}
+    wanted = {entry.name: entry for entry in _installed_monai().iterdir() if entry.name != "deploy"}
     wanted["deploy"] = site / "monai" / "deploy"
     for name, source in wanted.items():
-        link = package / name
-        if link.is_symlink() and Path(os.readlink(link)) == source:
-            continue
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(source, target_is_directory=source.is_dir())
+        _relink(package / name, source)
+    for stale in [entry for entry in package.iterdir() if entry.name not in wanted]:  # e.g. after a MONAI upgrade
+        stale.unlink()
     return [overlay, site]
 
 

@@ -1,7 +1,7 @@
 """MONAI Deploy: both bundles meet the contract of the SDK's ``MonaiBundleInferenceOperator``.
 
 ``replay_bundle_operator`` repeats, step by step, what the operator does with a bundle (read from the SDK source,
-releases 0.5.1 and 3.5.0, which agree on these steps): read ``extra/metadata.json`` and ``extra/inference.json``
+releases 0.5.1, 3.5.0 and 4.0.0, which agree on these steps): read ``extra/metadata.json`` and ``extra/inference.json``
 from the TorchScript file's archive (``<file stem>/extra/...``), parse them with MONAI's ``ConfigParser``, take
 ``device``, ``inferer``, ``preprocessing`` and ``postprocessing`` (the last two without transforms whose class
 name contains ``LoadImage`` or ``SaveImage``), turn the input ``image`` (array and metadata dict, as an SDK
@@ -9,17 +9,20 @@ name contains ``LoadImage`` or ``SaveImage``), turn the input ``image`` (array a
 batched image with the TorchScript module, and the postprocessing on ``{"pred": first item, **preprocessed
 inputs}``. Its outputs must equal those of the bundle's own ``inference.json`` run (``tests/bundle_travel.py``).
 
-The example applications in ``integrations/monai_deploy`` run with SDK 0.5.1, the one release that installs
-here (later ones need Holoscan), in an overlay that leaves the venv alone (``sdk_overlay.py``); the test is
-skipped, with the reason, when pip cannot fetch it. The RoI-GAN application runs with the project's packages
-hidden (the editable install's import hook removed before the app starts): its bundle entries are MONAI transforms
-and its model is scripted TorchScript, so a deployment needs none of the project's code, as its README says.
+The example applications in ``integrations/monai_deploy`` run with SDK 4.0.0, the newest release, which
+installs here without replacing torch and runs on Holoscan without a GPU, in an overlay that leaves the venv alone
+(``sdk_overlay.py``); the tests are skipped, with the reason, when pip cannot fetch it. The RoI-GAN application
+runs with the project's packages hidden (the editable install's import hook removed before the app starts): its
+bundle entries are MONAI transforms and its model is scripted TorchScript, so a deployment needs none of the
+project's code, as its README says.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,6 +47,7 @@ pytestmark = pytest.mark.slow
 BUNDLES = ("rrn_lung_registration", "roigan_stain_transfer")
 APPS = REPO_ROOT / "integrations" / "monai_deploy"
 DISALLOW_LOAD_SAVE = ("LoadImage", "SaveImage")
+HOLOSCAN_STACK = 32 * 2**20
 #: Runs ``sys.argv[1]`` as ``__main__`` (with the remaining arguments) without the editable install's import hook:
 #: the project's packages cannot be imported.
 WITHOUT_PROJECT = """
@@ -139,26 +143,51 @@ def test_replaying_the_operator_gives_the_bundle_run_outputs(bundle):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The example applications with MONAI Deploy App SDK 0.5.1
+# The example applications with MONAI Deploy App SDK 4.0.0
 # ------------------------------------------------------------------------------------------------------------
+
+
+def _sdk_version() -> str:
+    spec = importlib.util.spec_from_file_location("sdk_overlay", APPS / "sdk_overlay.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SDK_VERSION
+
+
+def _holoscan_stack() -> None:
+    """In the application's process before it starts: the 32 MiB main-thread stack Holoscan asks for."""
+    resource.setrlimit(resource.RLIMIT_STACK, (HOLOSCAN_STACK, resource.getrlimit(resource.RLIMIT_STACK)[1]))
 
 
 @pytest.fixture(scope="session")
 def sdk_pythonpath() -> str:
-    """PYTHONPATH of the SDK 0.5.1 overlay, built once in the user cache (pip reads the registry the first time)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "monai-rrn-roigan" / "deploy-sdk-0.5.1"
+    """PYTHONPATH of the SDK overlay, built once in the user cache (pip reads the registry the first time)."""
+    version = _sdk_version()
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache = cache_home / "monai-rrn-roigan" / f"deploy-sdk-{version}"
     command = [sys.executable, str(APPS / "sdk_overlay.py"), str(cache)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
-        pytest.skip("MONAI Deploy App SDK 0.5.1 could not be installed: pip timed out")
+        pytest.skip(f"MONAI Deploy App SDK {version} could not be installed: pip timed out")
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"MONAI Deploy App SDK 0.5.1 could not be installed with pip ({reason})")
+        pytest.skip(f"MONAI Deploy App SDK {version} could not be installed with pip ({reason})")
     return result.stdout.strip()
 
 
-def test_example_app_runs_with_sdk_0_5_1(bundle, sdk_pythonpath, tmp_path):
+def _run_app(bundle: Travelled, source: Path, output: Path, sdk_pythonpath: str, work: Path, check: bool = True):
+    """The bundle's example application on ``source``, as a user runs it: ``python app.py -i -o -m`` (RRN) or
+    ``python <app folder> -i -o -m`` (RoI-GAN: the folder's ``__main__.py``, what a MAP runs)."""
+    env = {**offline_env(), "PYTHONPATH": sdk_pythonpath}
+    rrn = bundle.name == "rrn_lung_registration"
+    entry = APPS / bundle.name / "app.py" if rrn else APPS / bundle.name
+    app = [str(entry), "-i", str(source), "-o", str(output), "-m", str(bundle.model_ts)]
+    python = [sys.executable] if rrn else [sys.executable, "-c", WITHOUT_PROJECT]
+    return run([*python, *app], work, env, check=check, preexec_fn=_holoscan_stack)
+
+
+def test_example_app_runs_with_the_newest_sdk(bundle, sdk_pythonpath, tmp_path):
     work, output = tmp_path / "work", tmp_path / "output"
     work.mkdir()
     if bundle.name == "rrn_lung_registration":
@@ -169,11 +198,8 @@ def test_example_app_runs_with_sdk_0_5_1(bundle, sdk_pythonpath, tmp_path):
             shutil.copy(pair[key], source / f"{key}.nii.gz")
     else:
         source = bundle.inputs / "tiles" / "tile_1.png"
-    env = {**offline_env(), "PYTHONPATH": sdk_pythonpath}
-    app = [str(APPS / bundle.name / "app.py"), "-i", str(source), "-o", str(output), "-m", str(bundle.model_ts)]
-    python = [sys.executable] if bundle.name == "rrn_lung_registration" else [sys.executable, "-c", WITHOUT_PROJECT]
-    result = run([*python, *app], work, env)
-    assert "Done performing execution of operator" in result.stdout + result.stderr
+    result = _run_app(bundle, source, output, sdk_pythonpath, work)
+    assert "Graph execution finished" in result.stdout + result.stderr  # Holoscan ran the operators' graph
     if bundle.name == "rrn_lung_registration":
         assert {p.name for p in output.iterdir()} == {"case_ddf.nii.gz", "case_warped.nii.gz"}
         for kind in ("ddf", "warped"):
@@ -184,3 +210,22 @@ def test_example_app_runs_with_sdk_0_5_1(bundle, sdk_pythonpath, tmp_path):
         assert {p.name for p in output.iterdir()} == {"tile_1.png"}
         got, saved = (np.array(Image.open(folder / "tile_1.png")) for folder in (output, bundle.out))
         assert np.abs(got.astype(int) - saved).max() <= 1
+
+
+def test_example_app_fails_on_bad_input_and_writes_nothing(bundle, sdk_pythonpath, tmp_path):
+    work, output = tmp_path / "work", tmp_path / "output"
+    work.mkdir()
+    if bundle.name == "rrn_lung_registration":  # a folder without its moving image
+        pair = json.loads((bundle.inputs / "datalist.json").read_text())["test"][0]
+        source = tmp_path / "case"
+        source.mkdir()
+        shutil.copy(pair["fixed"], source / "fixed.nii.gz")
+        expected = f"{source}: expected one moving.* image"
+    else:  # a greyscale tile
+        source = tmp_path / "grey.png"
+        Image.fromarray(np.full((64, 64), 128, np.uint8)).save(source)
+        expected = f"{source}: expected an RGB tile, got mode L."
+    result = _run_app(bundle, source, output, sdk_pythonpath, work, check=False)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert not output.exists() or not list(output.iterdir())

@@ -101,9 +101,7 @@ def test_itk_resampler_with_the_field_reproduces_the_warped_image(registered, tm
     assert np.ptp(ours) > 500  # a real image, not a constant
     np.testing.assert_allclose(theirs, ours, atol=0.05)
     # the same through the package's own command
-    again = apply_displacement_field(
-        tmp_path / "moving.mha", output / "displacement_field.nii", tmp_path / "w.nii.gz"
-    )
+    again = apply_displacement_field(tmp_path / "moving.mha", output / "displacement_field.nii", tmp_path / "w.nii.gz")
     np.testing.assert_allclose(read_ct(again).numpy(), read_ct(output / "warped_moving.nii.gz").numpy(), atol=0.02)
 
 

@@ -1,6 +1,7 @@
 """MONAI Deploy application: translate an H&E tile into virtual IHC with the RoI-GAN bundle's TorchScript model.
 
-Written for the MONAI Deploy App SDK 0.5.x API (see README.md for why and for SDK >= 0.6). Three operators:
+Written for the MONAI Deploy App SDK 4.x API (Holoscan operators; see ``../README.md`` for the SDK versions).
+Three operators:
 
 1. ``TileLoaderOperator`` reads one RGB tile (PNG, or any format Pillow reads; the input is the file, or a
    folder holding exactly one) as ``image`` ``(H, W, 3)`` uint8, the form the bundle's ``preprocessing`` takes.
@@ -10,118 +11,122 @@ Written for the MONAI Deploy App SDK 0.5.x API (see README.md for why and for SD
 3. ``TileWriterOperator`` writes ``<tile name>.png`` into the output folder, the file the bundle's
    ``inference.json`` writes.
 
-Run: ``python app.py -i TILE_OR_FOLDER -o OUTPUT_FOLDER -m model.ts`` (or ``monai-deploy exec app.py ...``).
-For many tiles, or whole slides, use the bundle itself (``inference.json``, ``infer_slides.json``).
+Run: ``python app.py -i TILE_OR_FOLDER -o OUTPUT_FOLDER -m model.ts`` (or the folder: ``python . -i ...``).
+A failure in any operator ends the run with a non-zero exit code. For many tiles, or whole slides, use the bundle
+itself (``inference.json``, ``infer_slides.json``).
 """
 
 from __future__ import annotations
 
-import logging
+import os
+import tempfile
 from pathlib import Path
 
-import monai.deploy.core as md
 import numpy as np
 import torch
-from monai.deploy.core import Application, DataPath, ExecutionContext, Image, InputContext, IOType, OutputContext
-from monai.deploy.operators import monai_bundle_inference_operator as bundle_operator
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application, Fragment, Image, IOType, Operator, OperatorSpec
 from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, MonaiBundleInferenceOperator
 
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
-@md.input("", DataPath, IOType.DISK)
-@md.output("image", Image, IOType.IN_MEMORY)
-class TileLoaderOperator(md.Operator):
-    """One RGB tile -> ``image`` ``(H, W, 3)`` uint8 with its file name in the metadata."""
+def _tile_path(path: Path) -> Path:
+    if not path.is_dir():
+        return path
+    tiles = [p for p in sorted(path.iterdir()) if p.suffix.lower() in TILE_SUFFIXES]
+    if len(tiles) != 1:
+        raise FileNotFoundError(
+            f"{path}: expected one tile ({', '.join(TILE_SUFFIXES)}), found {len(tiles)}; this app translates "
+            "one tile per run (the bundle's inference.json translates folders of tiles)."
+        )
+    return tiles[0]
 
-    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext):
+
+class TileLoaderOperator(Operator):
+    """One RGB tile -> ``image``.
+
+    Named output:
+        image: ``Image`` ``(H, W, 3)`` uint8 with the tile's file name (``filename_or_obj``) in its metadata.
+    """
+
+    def __init__(self, fragment: Fragment, *args, input_path: Path, **kwargs):
+        self.input_path = Path(input_path)
+        super().__init__(fragment, *args, **kwargs)  # last: it calls setup
+
+    def setup(self, spec: OperatorSpec):
+        spec.output("image")
+
+    def compute(self, op_input, op_output, context):
         from PIL import Image as PILImage
 
-        path = op_input.get().path
-        if path.is_dir():
-            tiles = [p for p in sorted(path.iterdir()) if p.suffix.lower() in TILE_SUFFIXES]
-            if len(tiles) != 1:
-                raise FileNotFoundError(
-                    f"{path}: expected one tile ({', '.join(TILE_SUFFIXES)}), found {len(tiles)}; this app translates "
-                    "one tile per run (the bundle's inference.json translates folders of tiles)."
-                )
-            path = tiles[0]
+        path = _tile_path(self.input_path)
         with PILImage.open(path) as tile:
             if tile.mode != "RGB":
                 raise ValueError(f"{path}: expected an RGB tile, got mode {tile.mode}.")
             pixels = np.array(tile, dtype=np.uint8)
-        op_output.set(Image(pixels, metadata={"filename_or_obj": str(path)}), "image")
+        op_output.emit(Image(pixels, metadata={"filename_or_obj": str(path)}), "image")
 
 
 class StainTransferBundleOperator(MonaiBundleInferenceOperator):
-    """The SDK's bundle operator, sending the RGB tile as it is.
-
-    - ``pred`` goes out as the ``(H, W, 3)`` uint8 tile of the bundle's ``postprocessing``: the SDK's own output
-      step squeezes and transposes every ``image`` output as a single-channel 3-D segmentation.
-    - SDK 0.5.x reads ``optional_packages_version`` from the metadata, a key MONAI's own parser (1.6) renames
-      to ``required_packages_version`` on reading; it is given an empty one (the packages to install are in
-      ``requirements.txt``).
-    """
-
-    def _init_config(self, config_names):
-        original = bundle_operator.get_bundle_config
-
-        def get_bundle_config(bundle_path, names):
-            parser = original(bundle_path, names)
-            parser.get("_meta_").setdefault("optional_packages_version", {})
-            return parser
-
-        bundle_operator.get_bundle_config = get_bundle_config
-        try:
-            super()._init_config(config_names)
-        finally:
-            bundle_operator.get_bundle_config = original
+    """The SDK's bundle operator, emitting the RGB tile as it is: ``pred`` is the ``(H, W, 3)`` uint8 tile of the
+    bundle's ``postprocessing`` (the SDK's own output step squeezes and swaps the axes of every ``image`` output as
+    for a single-channel segmentation)."""
 
     def _send_output(self, value, name, metadata, op_output, context):
         pixels = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        op_output.set(Image(pixels, metadata=dict(metadata or {})), name)
+        op_output.emit(Image(pixels, metadata=dict(metadata or {})), name)
 
 
-@md.input("pred", Image, IOType.IN_MEMORY)
-@md.output("", DataPath, IOType.DISK)
-class TileWriterOperator(md.Operator):
-    """``<tile name>.png`` in the output folder."""
+class TileWriterOperator(Operator):
+    """``<tile name>.png`` in the output folder (written to a temporary file, then renamed).
 
-    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext):
+    Named input:
+        pred: ``Image`` ``(H, W, 3)`` uint8.
+    """
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs):
+        self.output_folder = Path(output_folder)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("pred")
+
+    def compute(self, op_input, op_output, context):
         from PIL import Image as PILImage
 
-        image = op_input.get("pred")
+        image = op_input.receive("pred")
         pixels = np.asarray(image.asnumpy())
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
             raise ValueError(
                 f"expected an RGB uint8 tile (H, W, 3) from the bundle, got {pixels.dtype} {pixels.shape}."
             )
         name = Path(str(image.metadata().get("filename_or_obj") or "tile.png")).stem
-        folder = op_output.get().path
-        folder.mkdir(parents=True, exist_ok=True)
-        PILImage.fromarray(pixels).save(folder / f"{name}.png")
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.output_folder, prefix=".staging-", suffix=".png", delete=False) as f:
+            PILImage.fromarray(pixels).save(f, format="PNG")
+        os.replace(f.name, self.output_folder / f"{name}.png")
 
 
-@md.resource(cpu=1, memory="4Gi")
-@md.env(pip_packages=str(Path(__file__).with_name("requirements.txt")))
 class RoIGANStainTransferApp(Application):
     """H&E -> virtual IHC for one tile with the RoI-GAN bundle (model.ts from ``ckpt_export``)."""
 
-    name = "roigan_stain_transfer"
-    description = "H&E to virtual IHC stain transfer of one tile (region-guided CycleGAN, MONAI bundle)."
-    version = "0.3.0"
-
     def compose(self):
-        loader = TileLoaderOperator()
+        app_context = Application.init_app_context(self.argv)
+        loader = TileLoaderOperator(
+            self, CountCondition(self, 1), input_path=Path(app_context.input_path), name="tile_loader"
+        )
         translation = StainTransferBundleOperator(
+            self,
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", Image, IOType.IN_MEMORY)],
+            app_context=app_context,
+            name="stain_transfer",
         )
-        writer = TileWriterOperator()
-        self.add_flow(loader, translation, {"image": "image"})
-        self.add_flow(translation, writer, {"pred": "pred"})
+        writer = TileWriterOperator(self, output_folder=Path(app_context.output_path), name="writer")
+        self.add_flow(loader, translation, {("image", "image")})
+        self.add_flow(translation, writer, {("pred", "pred")})
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    RoIGANStainTransferApp(do_run=True)
+    RoIGANStainTransferApp().run()
