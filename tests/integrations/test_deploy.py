@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -156,7 +157,9 @@ def _sdk_version() -> str:
 
 def _holoscan_stack() -> None:
     """In the application's process before it starts: the 32 MiB main-thread stack Holoscan asks for."""
-    resource.setrlimit(resource.RLIMIT_STACK, (HOLOSCAN_STACK, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    soft = HOLOSCAN_STACK if hard == resource.RLIM_INFINITY else min(HOLOSCAN_STACK, hard)
+    resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
 
 
 @pytest.fixture(scope="session")
@@ -229,3 +232,18 @@ def test_example_app_fails_on_bad_input_and_writes_nothing(bundle, sdk_pythonpat
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-3000:]
     assert not output.exists() or not list(output.iterdir())
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_app_manifest_has_what_the_packager_reads_and_the_bundle_version(name):
+    """``app.yaml``: ``application`` with ``title`` and ``version`` and a ``resources`` block, the keys holoscan-cli
+    4.2's ``monai-deploy package`` requires; the version is the bundle's."""
+    text = (APPS / name / "app.yaml").read_text()
+    sections = dict(re.findall(r"^(\w+):\n((?:[ \t]+.*\n|#.*\n|\n)*)", text, flags=re.MULTILINE))
+    assert {"application", "resources"} <= set(sections), sorted(sections)
+    application = dict(re.findall(r"^\s+(\w+):\s*(.+)$", sections["application"], flags=re.MULTILINE))
+    assert application.get("title")
+    bundle_version = json.loads((REPO_ROOT / "bundles" / name / "configs" / "metadata.json").read_text())["version"]
+    assert application.get("version") == bundle_version
+    resources = dict(re.findall(r"^\s+(\w+):\s*(.+)$", sections["resources"], flags=re.MULTILINE))
+    assert {"cpu", "gpu", "memory", "gpuMemory"} <= set(resources)
