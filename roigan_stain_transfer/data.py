@@ -42,6 +42,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from roigan_stain_transfer.box_library import CANCER, NORMAL, BoxLibrary, read_library_csv
+from roigan_stain_transfer.networks import GENERATOR_MULTIPLE
 
 __all__ = [
     "BOX_SAMPLING_PRESETS",
@@ -133,6 +134,8 @@ class TileSource:
             ``(N, H, W, 3)`` uint8.
         tile_size: expected height and width (int, or ``(H, W)``); None accepts any size.
         dataset: the HDF5 dataset holding the tiles.
+        multiple: height and width must be multiples of this (the datasets of this module ask for
+            ``GENERATOR_MULTIPLE``: their tiles go through the generators).
 
     Attributes:
         names: tile ids, as in the box library: PNG file names, or ``"<HDF5 file name>:<index>"``.
@@ -142,8 +145,15 @@ class TileSource:
     ValueError naming the file.
     """
 
-    def __init__(self, path: str | os.PathLike, tile_size: int | Sequence[int] | None = None, dataset: str = "x"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tile_size: int | Sequence[int] | None = None,
+        dataset: str = "x",
+        multiple: int = 1,
+    ):
         self.path = Path(path)
+        self.multiple = int(multiple)
         if tile_size is not None:
             tile_size = (int(tile_size), int(tile_size)) if np.isscalar(tile_size) else tuple(map(int, tile_size))
             if len(tile_size) != 2 or min(tile_size) <= 0:
@@ -191,6 +201,11 @@ class TileSource:
         if self.tile_size is not None and tuple(size) != self.tile_size:
             raise ValueError(
                 f"{label}: expected {self.tile_size[0]} x {self.tile_size[1]} tiles, got {size[0]} x {size[1]}"
+            )
+        if size[0] % self.multiple or size[1] % self.multiple:
+            raise ValueError(
+                f"{label}: tile height and width must be multiples of {self.multiple} (the generator halves them "
+                f"twice), got {size[0]} x {size[1]}; crop or pad the tiles"
             )
 
     def size(self, index: int) -> tuple[int, int]:
@@ -435,7 +450,7 @@ def _key(key: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _as_source(source: str | os.PathLike | TileSource, tile_size) -> TileSource:
-    return source if isinstance(source, TileSource) else TileSource(source, tile_size)
+    return source if isinstance(source, TileSource) else TileSource(source, tile_size, multiple=GENERATOR_MULTIPLE)
 
 
 class UnpairedTileDataset(Dataset):

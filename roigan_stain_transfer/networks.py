@@ -65,6 +65,8 @@ TILE_CHANNELS = 3
 #: Channels of the class map: channel 0 holds normal-cell boxes, channel 1 cancer-cell boxes.
 CLASS_MAP_CHANNELS = 2
 UPSAMPLING_MODES = ("transposed", "resize")
+#: Tile height and width must be multiples of this: the generator downsamples twice by 2 and upsamples back.
+GENERATOR_MULTIPLE = 4
 #: Widths of the five stride-2 convolutions of the PatchGAN discriminator.
 PATCH_CHANNELS = (64, 128, 256, 512, 512)
 #: Widths of the four stride-2 convolutions of the RoI discriminator.
@@ -110,7 +112,8 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
 def _check_tiles(images: torch.Tensor, channels: int, multiple: int, name: str) -> None:
     """Raise a clear error unless ``images`` is float ``(B, channels, H, W)`` , ``H, W`` multiples of ``multiple``.
 
-    Python only: TorchScript (``torch.jit.script`` of a network, e.g. by ``ckpt_export``) skips the check.
+    Python only; in TorchScript (``torch.jit.script`` of a network, e.g. by ``ckpt_export``) the networks check
+    the shape with :func:`_check_tile_shape`.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor (B, {channels}, H, W), got {type(images).__name__}")
@@ -125,6 +128,21 @@ def _check_tiles(images: torch.Tensor, channels: int, multiple: int, name: str) 
         raise ValueError(
             f"{name}: tile height and width must be positive multiples of {multiple}, got {height} x {width}"
         )
+
+
+def _check_tile_shape(images: torch.Tensor, channels: int, multiple: int, name: str) -> None:
+    """The shape part of :func:`_check_tiles`, in a form TorchScript compiles (same message)."""
+    shape = images.shape
+    if len(shape) != 4:
+        raise ValueError(name + ": expected a 4-D tensor (B, " + str(channels) + ", H, W), got shape " + str(shape))
+    if shape[1] != channels:
+        raise ValueError(name + ": expected " + str(channels) + " channels, got shape " + str(shape))
+    height, width = shape[2], shape[3]
+    if height == 0 or width == 0 or height % multiple != 0 or width % multiple != 0:
+        raise ValueError(
+            name + ": tile height and width must be positive multiples of " + str(multiple) + ", got "
+            + str(height) + " x " + str(width)
+        )  # fmt: skip
 
 
 def _check_channels(channels: Sequence[int], name: str) -> tuple[int, ...]:
@@ -218,6 +236,7 @@ class ResnetGenerator(RecordsArchitecture, nn.Module):
         self.out_channels = int(out_channels)
         self.num_blocks = int(num_blocks)
         self.upsampling = upsampling
+        self.size_multiple = GENERATOR_MULTIPLE
         c = int(base_channels)
         self.record_architecture(
             in_channels=self.in_channels,
@@ -251,8 +270,10 @@ class ResnetGenerator(RecordsArchitecture, nn.Module):
             init_weights(self, init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            _check_tiles(x, self.in_channels, 4, "ResnetGenerator input")
+        if torch.jit.is_scripting():
+            _check_tile_shape(x, self.in_channels, self.size_multiple, "ResnetGenerator input")
+        else:
+            _check_tiles(x, self.in_channels, self.size_multiple, "ResnetGenerator input")
         return self.head(self.up(self.blocks(self.down(self.stem(x)))))
 
 

@@ -516,6 +516,17 @@ def _cpu_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", enabled=False)
 
 
+def _traced_grid_only(x: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, but a traced graph (``torch.jit.trace``, e.g. ``ckpt_export --use_trace``) records its grid.
+
+    A traced RRN holds its grid's sizes as constants (MONAI ``Warp``'s reference grid, padding, buffers) and would
+    return a wrong field on any other grid. ``expand`` with the sizes seen while tracing makes it fail there
+    instead ("The expanded size of the tensor (traced) must match the existing size (given)"); batch size and
+    channels stay free.
+    """
+    return x.expand(-1, -1, *[int(size) for size in x.shape[2:]])
+
+
 class FeaturePyramid(nn.Module):
     """Per level: 3x3x3 conv stride 2, then two 3x3x3 convs stride 1, each followed by LeakyReLU.
 
@@ -770,6 +781,8 @@ class RRN(RecordsArchitecture, nn.Module):
         if fixed is None:
             moving, fixed = split_pair(moving, self.in_channels, type(self).__name__)
         self._check_inputs(moving, fixed)
+        if torch.jit.is_tracing():
+            moving, fixed = _traced_grid_only(moving), _traced_grid_only(fixed)
         with _cpu_precision(fixed):
             ddf, levels = self._fields(moving, fixed)
         return (ddf, levels) if return_levels else ddf

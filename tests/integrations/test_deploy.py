@@ -215,23 +215,39 @@ def test_example_app_runs_with_the_newest_sdk(bundle, sdk_pythonpath, tmp_path):
         assert np.abs(got.astype(int) - saved).max() <= 1
 
 
-def test_example_app_fails_on_bad_input_and_writes_nothing(bundle, sdk_pythonpath, tmp_path):
-    work, output = tmp_path / "work", tmp_path / "output"
-    work.mkdir()
-    if bundle.name == "rrn_lung_registration":  # a folder without its moving image
+BAD_INPUTS = {
+    "rrn_lung_registration": ("no moving image",),
+    "roigan_stain_transfer": ("greyscale tile", "tile of 66 x 70"),
+}
+
+
+def _bad_input(bundle: Travelled, case: str, folder: Path) -> tuple[Path, str]:
+    """Input ``case`` written into ``folder``; the error the app must give."""
+    if case == "no moving image":
         pair = json.loads((bundle.inputs / "datalist.json").read_text())["test"][0]
-        source = tmp_path / "case"
+        source = folder / "case"
         source.mkdir()
         shutil.copy(pair["fixed"], source / "fixed.nii.gz")
-        expected = f"{source}: expected one moving.* image"
-    else:  # a greyscale tile
-        source = tmp_path / "grey.png"
+        return source, f"{source}: expected one moving.* image"
+    source = folder / "tile.png"
+    if case == "greyscale tile":
         Image.fromarray(np.full((64, 64), 128, np.uint8)).save(source)
-        expected = f"{source}: expected an RGB tile, got mode L."
-    result = _run_app(bundle, source, output, sdk_pythonpath, work, check=False)
-    assert result.returncode != 0
-    assert expected in result.stderr, result.stderr[-3000:]
-    assert not output.exists() or not list(output.iterdir())
+        return source, f"{source}: expected an RGB tile, got mode L."
+    Image.fromarray(np.full((66, 70, 3), 128, np.uint8)).save(source)  # the generator would return 68 x 72
+    refused = "tile height and width must be multiples of 4 (the generator halves them twice), got 66 x 70"
+    return source, f"{source}: {refused}"
+
+
+def test_example_app_fails_on_bad_input_and_writes_nothing(bundle, sdk_pythonpath, tmp_path):
+    for index, case in enumerate(BAD_INPUTS[bundle.name]):
+        folder = tmp_path / f"case{index}"
+        (folder / "work").mkdir(parents=True)
+        source, expected = _bad_input(bundle, case, folder)
+        output = folder / "output"
+        result = _run_app(bundle, source, output, sdk_pythonpath, folder / "work", check=False)
+        assert result.returncode != 0, case
+        assert expected in result.stderr, (case, result.stderr[-3000:])
+        assert not output.exists() or not list(output.iterdir()), case
 
 
 @pytest.mark.parametrize("name", BUNDLES)

@@ -275,6 +275,14 @@ def test_error_wrong_tile_size(tiny_set):
         TileSource(tiny_set["he"], tile_size=32).read(0)
 
 
+def test_tiles_the_generator_cannot_take_are_refused_naming_the_file(tmp_path):
+    (tmp_path / "tiles").mkdir()
+    Image.fromarray(np.zeros((66, 70, 3), np.uint8)).save(tmp_path / "tiles" / "odd.png")
+    assert TileSource(tmp_path / "tiles").read(0).shape == (66, 70, 3)  # a tile source alone takes any size
+    with pytest.raises(ValueError, match=r"odd\.png: tile height and width must be multiples of 4 .* got 66 x 70"):
+        TileDataset(tmp_path / "tiles")[0]
+
+
 def test_error_non_rgb_png(tmp_path):
     (tmp_path / "tiles").mkdir()
     Image.fromarray(np.zeros((TINY, TINY, 4), np.uint8)).save(tmp_path / "tiles" / "rgba.png")

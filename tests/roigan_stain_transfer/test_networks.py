@@ -192,6 +192,21 @@ def test_generator_rejects_bad_input():
         generator(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_scripted_generator_rejects_bad_shapes_too():
+    """ckpt_export scripts the generator: the shape checks hold in TorchScript (a 30 x 34 tile would otherwise come
+    back as 32 x 36)."""
+    scripted = torch.jit.script(ResnetGenerator(num_blocks=1, base_channels=4).eval())
+    assert scripted(torch.zeros(1, 3, 32, 36)).shape == (1, 3, 32, 36)
+    for shape, message in (
+        ((1, 3, 30, 34), "ResnetGenerator input: tile height and width must be positive multiples of 4, got 30 x 34"),
+        ((1, 4, 32, 32), "ResnetGenerator input: expected 3 channels"),
+        ((3, 32, 32), "ResnetGenerator input: expected a 4-D tensor"),
+    ):
+        with pytest.raises(torch.jit.Error, match=message):
+            scripted(torch.zeros(shape))
+
+
 def test_constructors_reject_bad_arguments():
     with pytest.raises(ValueError, match="upsampling"):
         ResnetGenerator(upsampling="bilinear")

@@ -236,6 +236,13 @@ def test_ckpt_export_traces_a_torchscript_model_of_the_trained_weights(trained, 
         got = scripted(pair)
     assert got.shape == (1, 3, GRID, GRID, GRID)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    with torch.no_grad():  # a batch of two pairs: the batch size stays free
+        batch = torch.cat([pair, pair.flip(2)])
+        torch.testing.assert_close(scripted(batch)[1:], eager(batch[1:, :1], batch[1:, 1:]), rtol=0, atol=1e-5)
+    # any other grid is refused: the trace holds its grid's sizes as constants and would return a wrong field
+    for other in ((GRID + 16,) * 3, (GRID, GRID, GRID + 8)):
+        with torch.no_grad(), pytest.raises(RuntimeError, match=rf"expanded size of the tensor \({GRID}\) must match"):
+            scripted(torch.rand(1, 2, *other))
 
 
 def test_register_config_runs_the_physical_space_pipeline_over_the_datalist(trained, bundle_root):

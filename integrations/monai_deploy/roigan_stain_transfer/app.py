@@ -29,6 +29,9 @@ from monai.deploy.core import Application, Fragment, Image, IOType, Operator, Op
 from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, MonaiBundleInferenceOperator
 
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+#: Tile height and width must be multiples of this: the generator halves them twice and doubles them back
+#: (``roigan_stain_transfer.networks.GENERATOR_MULTIPLE``; the TorchScript model refuses other sizes too).
+GENERATOR_MULTIPLE = 4
 
 
 def _tile_path(path: Path) -> Path:
@@ -44,7 +47,7 @@ def _tile_path(path: Path) -> Path:
 
 
 class TileLoaderOperator(Operator):
-    """One RGB tile -> ``image``.
+    """One RGB tile, height and width multiples of 4 -> ``image``.
 
     Named output:
         image: ``Image`` ``(H, W, 3)`` uint8 with the tile's file name (``filename_or_obj``) in its metadata.
@@ -65,6 +68,12 @@ class TileLoaderOperator(Operator):
             if tile.mode != "RGB":
                 raise ValueError(f"{path}: expected an RGB tile, got mode {tile.mode}.")
             pixels = np.array(tile, dtype=np.uint8)
+        height, width = pixels.shape[:2]
+        if height % GENERATOR_MULTIPLE or width % GENERATOR_MULTIPLE:
+            raise ValueError(
+                f"{path}: tile height and width must be multiples of {GENERATOR_MULTIPLE} (the generator halves them "
+                f"twice), got {height} x {width}; crop or pad the tile."
+            )
         op_output.emit(Image(pixels, metadata={"filename_or_obj": str(path)}), "image")
 
 
