@@ -113,8 +113,13 @@ class TileWriterOperator(Operator):
         name = Path(str(image.metadata().get("filename_or_obj") or "tile.png")).stem
         self.output_folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.output_folder, prefix=".staging-", suffix=".png", delete=False) as f:
-            PILImage.fromarray(pixels).save(f, format="PNG")
-        os.replace(f.name, self.output_folder / f"{name}.png")
+            staged = Path(f.name)
+            try:
+                PILImage.fromarray(pixels).save(f, format="PNG")
+            except BaseException:
+                staged.unlink()
+                raise
+        os.replace(staged, self.output_folder / f"{name}.png")
 
 
 class RoIGANStainTransferApp(Application):
