@@ -45,9 +45,9 @@ def infer_slide(
     compression: str = "jpeg",
     quality: int = 90,
     backend: str = "openslide",
-    generator_blocks: int = 9,
-    generator_channels: int = 64,
-    upsampling: str = "transposed",
+    generator_blocks: int | None = None,
+    generator_channels: int | None = None,
+    upsampling: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -71,7 +71,9 @@ def infer_slide(
         amp: "auto", "bf16", "fp16" (CUDA) or "none".
         compression, quality: "jpeg" (quality) or "deflate" (lossless).
         backend: MONAI WSIReader backend: "openslide", "tifffile" or "cucim".
-        generator_blocks, generator_channels, upsampling: the generator's architecture (as trained).
+        generator_blocks, generator_channels, upsampling: the generator's architecture; default: what the
+            weights record (the bundle's checkpoints do), else 9, 64, "transposed". A value that
+            differs from the record is an error naming both.
         device: "cpu", "cuda", "cuda:1"... (default: CUDA when available).
         overwrite: replace existing outputs.
         progress: show progress bars.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import os
@@ -66,6 +67,7 @@ from roigan_stain_transfer.wsi.tissue import (
     save_png,
     tissue_mask,
 )
+from shared_ops.architecture import decode_architecture
 from shared_ops.atomic import atomic_write_text
 
 __all__ = [
@@ -166,12 +168,16 @@ class SlideInferenceSettings:
 
 def load_generator(
     weights: str | os.PathLike | None,
-    num_blocks: int = 9,
-    base_channels: int = 64,
-    upsampling: str = "transposed",
+    num_blocks: int | None = None,
+    base_channels: int | None = None,
+    upsampling: str | None = None,
     key: str = "g_xy",
 ) -> ResnetGenerator:
     """The H&E -> IHC generator with trained ``weights`` (a bundle checkpoint holding ``key``, or a state dict).
+
+    The sizes left ``None`` are those the weights record (the bundle's checkpoints record the generator's
+    constructor settings), else :class:`ResnetGenerator`'s defaults (9 blocks, 64 channels, transposed
+    upsampling); a size given that differs from the record is an error naming both values.
 
     A missing ``weights`` is an error: no weights were published, and an untrained generator's output would
     look like a result.
@@ -192,18 +198,33 @@ def load_generator(
         state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of the generator or a checkpoint with a {key!r} entry")
-    generator = ResnetGenerator(
-        num_blocks=num_blocks, base_channels=base_channels, upsampling=upsampling, init_std=None
-    )
+    sizes = _generator_sizes(path, state, num_blocks=num_blocks, base_channels=base_channels, upsampling=upsampling)
+    generator = ResnetGenerator(**sizes, init_std=None)
     try:
         generator.load_state_dict(state)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[:3]
+        shown = ", ".join(f"{name}={value!r}" for name, value in sizes.items())
         raise ValueError(
-            f"{path}: the weights do not fit a generator with num_blocks={num_blocks}, base_channels={base_channels}, "
-            f"upsampling={upsampling!r} ({' '.join(first)}); pass the sizes it was trained with"
+            f"{path}: the weights do not fit a generator with {shown} ({' '.join(first)}); pass the sizes it was "
+            "trained with"
         ) from None
     return generator.eval()
+
+
+def _generator_sizes(path: Path, state: dict[str, torch.Tensor], **given: Any) -> dict[str, Any]:
+    """``given`` with each ``None`` replaced by the weights' recorded setting, else the generator's default."""
+    recorded: dict[str, Any] = {}
+    if "_extra_state" in state:
+        try:
+            recorded = decode_architecture(state["_extra_state"])["settings"]
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+    defaults = inspect.signature(ResnetGenerator).parameters
+    return {
+        name: value if value is not None else recorded.get(name, defaults[name].default)
+        for name, value in given.items()
+    }
 
 
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:

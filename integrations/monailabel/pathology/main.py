@@ -24,8 +24,8 @@ class PathologyApp(MONAILabelApp):
 
     ``conf`` keys (``--conf KEY VALUE``): ``generator`` (checkpoint with ``g_xy``, default
     ``<app>/model/generator.pt``), ``num_blocks`` / ``base_channels`` / ``upsampling`` (the generator's sizes, default
-    the paper's 9 / 64 / transposed) and the region settings of :func:`roigan_label_tasks.region_settings` (``mpp``,
-    ``tile_size``, ``overlap``, ...).
+    what the checkpoint records, else the paper's 9 / 64 / transposed) and the region settings of
+    :func:`roigan_label_tasks.region_settings` (``mpp``, ``tile_size``, ``overlap``, ...).
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):

@@ -322,7 +322,7 @@ class VirtualDabRegions(InferTask):
     Args:
         weights: generator checkpoint (bundle checkpoint with ``g_xy``, or its state dict).
         generator: a generator module to use instead of ``weights`` (``(B, 3, H, W)`` in [-1, 1] -> same).
-        network: ``num_blocks``, ``base_channels``, ``upsampling`` of the generator (must match the weights).
+        network: ``num_blocks``, ``base_channels``, ``upsampling`` of the generator (default: what the weights record).
         settings: :class:`RegionSettings`.
     """
 

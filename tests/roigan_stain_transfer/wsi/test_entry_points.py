@@ -18,7 +18,8 @@ from roigan_stain_transfer.networks import ResnetGenerator
 from tests.bundle_cli import BundleCLI, run_checked, subprocess_env
 from tests.roigan_stain_transfer.wsi.conftest import write_slide
 
-TINY = ["--generator_blocks", "1", "--generator_channels", "8", "--num_workers", "0", "--progress", "False"]
+QUIET = ["--num_workers", "0", "--progress", "False"]
+TINY = ["--generator_blocks", "1", "--generator_channels", "8", *QUIET]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,9 @@ def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
 
 def test_infer_slide_command(cmu_slide, weights, tmp_path):
     out = tmp_path / "virtual.tiff"
+    # no generator sizes given: those the checkpoint records (1 block, 8 channels), not the paper's 9 and 64
     result = _cli(
-        "infer-slide", "--input", str(cmu_slide), "--output", str(out), "--weights", weights, *TINY, cwd=tmp_path
+        "infer-slide", "--input", str(cmu_slide), "--output", str(out), "--weights", weights, *QUIET, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"-> {out}" in result.stdout and "tiles" in result.stdout

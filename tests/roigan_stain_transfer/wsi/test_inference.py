@@ -127,12 +127,21 @@ def test_weights_errors(tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="garbage.pt: not a PyTorch checkpoint"):
         load_generator(garbage)
+    # a bundle checkpoint: the generator's record gives the sizes, and sizes given must agree with it
     checkpoint = tmp_path / "model.pt"
     torch.save({"g_xy": _tiny_generator().state_dict()}, checkpoint)
-    with pytest.raises(ValueError, match="num_blocks=9, base_channels=64"):
-        load_generator(checkpoint)
-    loaded = load_generator(checkpoint, num_blocks=1, base_channels=8)
+    loaded = load_generator(checkpoint)
+    assert (loaded.num_blocks, loaded.upsampling) == (1, "transposed")
     assert torch.equal(loaded.head[1].weight, _tiny_generator().head[1].weight)
+    assert torch.equal(load_generator(checkpoint, num_blocks=1, base_channels=8).head[1].weight, loaded.head[1].weight)
+    with pytest.raises(ValueError, match="num_blocks: checkpoint 1, configuration 2"):
+        load_generator(checkpoint, num_blocks=2)
+    # weights without the record: the paper's sizes unless given
+    bare = tmp_path / "bare.pt"
+    torch.save({k: v for k, v in _tiny_generator().state_dict().items() if k != "_extra_state"}, bare)
+    with pytest.raises(ValueError, match="num_blocks=9, base_channels=64, upsampling='transposed'"):
+        load_generator(bare)
+    assert torch.equal(load_generator(bare, num_blocks=1, base_channels=8).head[1].weight, loaded.head[1].weight)
 
 
 def test_outputs_are_checked_before_any_work(cmu_slide, tmp_path):
