@@ -206,7 +206,7 @@ def _large_slide_pixels(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def test_large_slide_streams_in_bounded_memory(tmp_path):
-    """20,480^2 px (1.2 GB of RGB): peak memory of the whole run stays a fraction of the slide's size."""
+    """20,480^2 px (1.2 GB of RGB): the run's memory grows by less than the slide's own size (it never holds it)."""
     slide = write_slide(
         tmp_path / "large.tif", shape=(_LARGE, _LARGE), pixels=_large_slide_pixels, downsamples=(1, 4, 16, 64), mpp=0.5
     )
@@ -232,10 +232,12 @@ def test_large_slide_streams_in_bounded_memory(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 < report["tiles"]["translated"] < report["tiles"]["grid"] // 4
     growth = report["peak_mb"] - report["before_mb"]
-    # the slide alone is 1200 MB of pixels and its output as much again; the run's growth is a fraction of that.
-    # Measured 510-800 MB for the same run: the allocator's arenas of the encoding and reading threads vary
-    # with their timing (the high end on a loaded machine or a fresh environment), hence the margin.
-    assert growth < 900, report
+    # A run that held the slide, or its output, would grow by at least the slide's own pixels (1200 MB); a
+    # streaming run grows by its bands, queues and buffers only. Measured: 510-540 MB in most runs (also under a
+    # CPU hog), 800 and 908 MB once each (glibc's arenas of the main and the encoding thread keep freed tile
+    # buffers, depending on their timing), hence the bound at the slide's size rather than near the typical value.
+    slide_mb = _LARGE * _LARGE * 3 / 2**20
+    assert growth < slide_mb, report
     with openslide.OpenSlide(str(out)) as virtual:
         assert virtual.dimensions == (_LARGE, _LARGE)
         patch = np.asarray(virtual.read_region((5000 - 100, 4000 - 100), 0, (200, 200)).convert("RGB")).astype(int)
