@@ -203,6 +203,9 @@ def test_example_app_runs_with_the_newest_sdk(bundle, sdk_pythonpath, tmp_path):
         source = bundle.inputs / "tiles" / "tile_1.png"
     result = _run_app(bundle, source, output, sdk_pythonpath, work)
     assert "Graph execution finished" in result.stdout + result.stderr  # Holoscan ran the operators' graph
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in output.iterdir()} == {0o666 & ~umask}  # staged, yet as umask says
     if bundle.name == "rrn_lung_registration":
         assert {p.name for p in output.iterdir()} == {"case_ddf.nii.gz", "case_warped.nii.gz"}
         for kind in ("ddf", "warped"):

@@ -19,7 +19,6 @@ itself (``inference.json``, ``infer_slides.json``).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,14 +111,13 @@ class TileWriterOperator(Operator):
             )
         name = Path(str(image.metadata().get("filename_or_obj") or "tile.png")).stem
         self.output_folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.output_folder, prefix=".staging-", suffix=".png", delete=False) as f:
-            staged = Path(f.name)
-            try:
-                PILImage.fromarray(pixels).save(f, format="PNG")
-            except BaseException:
-                staged.unlink()
-                raise
-        os.replace(staged, self.output_folder / f"{name}.png")
+        staged = self.output_folder / f".staging-{os.getpid()}-{name}.png"  # created with the umask's permissions
+        try:
+            PILImage.fromarray(pixels).save(staged, format="PNG")
+            os.replace(staged, self.output_folder / f"{name}.png")
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
 
 
 class RoIGANStainTransferApp(Application):
